@@ -1,0 +1,6 @@
+"""The LightningModules: the policy and the RL algorithms built on it."""
+
+from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
+from fedrl_lightning.modules.policy import PolicyModule
+
+__all__ = ["GRPOBatch", "GRPOModule", "PolicyModule"]

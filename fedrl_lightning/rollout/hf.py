@@ -1,0 +1,91 @@
+"""Rollouts with HF ``generate`` on the live policy: no weight sync needed, the default on CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
+
+
+def encode_prompts(tokenizer: Any, prompts: list[Any], max_prompt_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Chat-template and left-pad prompts; a prompt is a list of chat messages or a plain string.
+
+    Long prompts keep their last ``max_prompt_length`` tokens (the question and the generation prompt).
+    """
+    texts = [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+        truncation=max_prompt_length is not None,
+        max_length=max_prompt_length,
+    )
+
+
+class HFRollout:
+    """Batched HF ``generate`` for all prompts x ``num_generations`` at once.
+
+    Args:
+        max_prompt_length: keep at most this many prompt tokens (left-truncated); None keeps all.
+        generation_batch_size: completions per ``generate`` call; None does the whole batch in one call.
+    """
+
+    def __init__(self, max_prompt_length: int | None = 512, generation_batch_size: int | None = None) -> None:
+        self.max_prompt_length = max_prompt_length
+        self.generation_batch_size = generation_batch_size
+
+    @torch.no_grad()
+    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+        model, tokenizer = module.model, module.tokenizer
+        enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
+        device = next(model.parameters()).device
+        prompt_ids = enc["input_ids"].repeat_interleave(params.num_generations, dim=0).to(device)
+        prompt_mask = enc["attention_mask"].repeat_interleave(params.num_generations, dim=0).to(device)
+        eos_ids = _eos_ids(model, tokenizer)
+        sampling = params.temperature > 0
+        gen_kwargs = dict(
+            max_new_tokens=params.max_completion_length,
+            do_sample=sampling,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+            use_cache=True,
+        )
+        if sampling:
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
+        else:  # greedy: silence the model's default sampling settings
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        was_training = model.training
+        model.eval()
+        step = self.generation_batch_size or len(prompt_ids)
+        chunks = []
+        try:
+            for start in range(0, len(prompt_ids), step):
+                ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+                out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                chunks.append(out[:, ids.shape[1] :])
+        finally:
+            model.train(was_training)
+        width = max(c.shape[1] for c in chunks)
+        completion_ids = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id) for c in chunks]
+        )
+        completion_mask, is_truncated = completion_masks(completion_ids, eos_ids)
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_truncated, texts)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

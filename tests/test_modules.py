@@ -1,0 +1,98 @@
+"""The policy and GRPO module on the tiny random model."""
+
+import lightning as L
+import torch
+from conftest import make_module
+
+from fedrl_lightning.client import local_step
+from fedrl_lightning.rollout import completion_masks
+from fedrl_lightning.rollout.hf import HFRollout
+
+PROMPTS = [
+    {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
+    {"prompt": [{"role": "user", "content": "What is 4 + 4?"}], "answer": "8"},
+]
+
+
+def _perturb_lora_b(module):
+    # LoRA B starts at zero, so A gets no gradient on the very first step; start from a non-zero adapter as after
+    # any aggregation round.
+    state = module.trainable_state()
+    gen = torch.Generator().manual_seed(1)
+    state = {k: (torch.randn(v.shape, generator=gen) * 0.1 if "lora_B" in k else v) for k, v in state.items()}
+    module.load_trainable_state(state)
+
+
+def test_one_training_step_changes_every_lora_parameter_and_no_base_parameter():
+    module = make_module(loss_type="grpo", beta=0.04)
+    _perturb_lora_b(module)
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    optimizer = module.configure_optimizers()
+    module, optimizer = fabric.setup(module, optimizer)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    torch.manual_seed(0)
+    tokens = local_step(fabric, module, optimizer, HFRollout(), PROMPTS)
+    assert tokens > 0
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, param in module.model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (name in trainable), name
+    metrics = module.tracker.compute_and_reset()
+    for key in (
+        "reward",
+        "reward_std",
+        "rewards/length_reward/mean",
+        "completions/mean_length",
+        "kl",
+        "entropy",
+        "clip_ratio/region_mean",
+        "frac_reward_zero_std",
+        "timing/generate",
+    ):
+        assert key in metrics, key
+    assert metrics["kl"] >= 0
+
+
+def test_trainable_state_round_trip_is_exact():
+    module = make_module()
+    _perturb_lora_b(module)
+    state = module.trainable_state()
+    other = {k: torch.zeros_like(v) for k, v in state.items()}
+    module.load_trainable_state(other)
+    assert all(torch.equal(v, other[k]) for k, v in module.trainable_state().items())
+    module.load_trainable_state(state)
+    assert all(torch.equal(v, state[k]) for k, v in module.trainable_state().items())
+
+
+def test_hf_rollout_shapes_groups_and_masks():
+    module = make_module(num_generations=3, max_completion_length=5)
+    rollout = HFRollout().generate(module, [p["prompt"] for p in PROMPTS], module.sampling)
+    assert rollout.completion_ids.shape[0] == 6 and rollout.completion_ids.shape[1] <= 5
+    # prompts are repeated G times consecutively and left-padded
+    assert torch.equal(rollout.prompt_ids[0], rollout.prompt_ids[2])
+    assert (rollout.prompt_mask[:, -1] == 1).all()
+    assert len(rollout.completions) == 6
+    assert rollout.is_truncated.dtype == torch.bool
+
+
+def test_completion_masks_through_first_eos():
+    ids = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8]])
+    mask, truncated = completion_masks(ids, [9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, True]
+
+
+def test_num_iterations_caches_old_log_probs_and_beta_adds_reference():
+    module = make_module(num_iterations=2, beta=0.1)
+    rollout = HFRollout().generate(module, [p["prompt"] for p in PROMPTS], module.sampling)
+    rewards = module.score(rollout, PROMPTS, module.num_generations)
+    batch = module.make_batch(rollout, rewards)
+    assert batch.old_log_probs is not None and batch.ref_log_probs is not None
+    # adapter B = 0 at init: the policy equals the reference exactly
+    assert torch.allclose(batch.old_log_probs, batch.ref_log_probs, atol=1e-5)
+    assert batch.num_items_in_batch == float(rollout.completion_mask.sum())
+    micro = batch.micro_batches(3)
+    assert [len(m.rollout) for m in micro] == [3, 3, 2] and all(m.num_micro_batches == 3 for m in micro)
+    plain = make_module()
+    assert plain.make_batch(rollout, rewards).old_log_probs is None
