@@ -92,15 +92,13 @@ class FederatedTrainer:
         self.output_dir, self.resume, self.save_merged = Path(output_dir), resume, save_merged
         self.seed, self.progress = seed, progress
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._csv = CSVLogger(str(self.output_dir), name="", version="")
         self.fabric = L.Fabric(
             accelerator=accelerator,
             devices=devices,
             precision=precision,
             callbacks=list(callbacks or []),
-            loggers=[
-                CSVLogger(str(self.output_dir), name="", version=""),
-                TensorBoardLogger(str(self.output_dir), name="tensorboard", version=""),
-            ],
+            loggers=[self._csv, TensorBoardLogger(str(self.output_dir), name="tensorboard", version="")],
         )
         self.comm = Channel()
         self.client_states: dict[int, ClientState] = {}
@@ -123,13 +121,19 @@ class FederatedTrainer:
         optimizer = module.configure_optimizers()
         self.module, self.optimizer = fabric.setup(module, optimizer)
         self.data = data
+        data.prepare_data()
+        data.setup("fit")  # build every client's split now, so bad data fails before any training
         self._fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.global_state = module.trainable_state()
         self._initial_adapter = self.global_state
         self.client_states = {cid: self._new_client_state(cid) for cid in data.client_ids()}
         if self.resume and self.checkpoint_path.is_file():
             self._load_checkpoint()
-            self.console.print(f"Resuming from {self.checkpoint_path} at round {self.round_idx + 1}")
+            # The CSV logger rewrites metrics.csv from what it has seen: give it the rounds before the restart.
+            for row in self.history:
+                self._csv.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+            self.console.print(f"Resuming from {self.checkpoint_path} after round {self.round_idx}")
+        self._print_plan(module)
         fabric.call("on_fit_start", trainer=self, module=module)
         if self.round_idx == 0 and self.eval_before_training:
             self._log(0, self._evaluate(0))
@@ -139,6 +143,7 @@ class FederatedTrainer:
                 self.round_idx += 1
                 metrics = self._run_round(self.round_idx, bar)
                 self._log(self.round_idx, metrics)
+                self._print_round(self.round_idx, metrics)
                 self._save_checkpoint()
                 fabric.call("on_round_end", trainer=self, round_idx=self.round_idx, metrics=metrics)
                 bar.update(task, advance=1)
@@ -284,6 +289,34 @@ class FederatedTrainer:
                     self.module.save_adapter(self.output_dir / "adapters" / f"client{cid}", state.adapter)
         plot_run(self.history, self.output_dir / "curves.png")
         self._print_summary()
+
+    def _print_round(self, r: int, metrics: dict[str, float]) -> None:
+        if not self.progress:
+            return
+        line = f"round {r}/{self.num_rounds}: train reward {metrics['train/reward_mean']:.3f}"
+        if "eval/accuracy_mean" in metrics:
+            line += f", held-out accuracy {metrics['eval/accuracy_mean']:.3f}"
+        line += f", sent {metrics['comm/bytes_down'] / 1e6:.2f} MB down / {metrics['comm/bytes_up'] / 1e6:.2f} MB up"
+        self.console.print(line)
+
+    def _print_plan(self, module: Any) -> None:
+        """The federation and the batch geometry, printed once so a mis-sized run is obvious before it starts."""
+        if not self.progress:
+            return
+        table = Table(title="clients")
+        for col in ("client", "train", "held-out", "tasks"):
+            table.add_column(col, justify="right" if col != "tasks" else "left")
+        for row in self.data.describe():
+            tasks = ", ".join(f"{k}:{v}" for k, v in row["task_counts"].items())
+            table.add_row(str(row["client_id"]), str(row["n_train"]), str(row["n_eval"]), tasks)
+        self.console.print(table)
+        g = getattr(module, "num_generations", 1)
+        per_step = getattr(module, "prompts_per_step", 0)
+        agg = type(self.aggregation).__name__ if self.aggregation is not None else "none (local-only)"
+        self.console.print(
+            f"{self.num_rounds} rounds x {self.local_steps} local steps; {per_step} prompts x {g} generations "
+            f"= {per_step * g} completions per step; aggregation {agg}; outputs in {self.output_dir}"
+        )
 
     def _print_summary(self) -> None:
         evals = [h for h in self.history if "eval/accuracy_mean" in h]

@@ -1,9 +1,11 @@
 """The federated loop on the tiny model: state swap, aggregation, outputs, resume."""
 
 import copy
+import csv
 
 import torch
 from conftest import make_data, make_module
+from transformers import AutoModelForCausalLM
 
 from fedrl_lightning.aggregation import FedAvg, weighted_average
 from fedrl_lightning.callbacks import HOOKS, Callback
@@ -99,3 +101,20 @@ def test_resume_continues_to_the_same_global_adapter(tmp_path):
     resumed.fit(make_module(), make_data())
     assert resumed.round_idx == 2 and [h["round"] for h in resumed.history] == [0, 1, 2]
     assert all(torch.equal(resumed.global_state[k], v) for k, v in full.global_state.items())
+    # metrics.csv keeps the rounds from before the restart
+    with open(tmp_path / "part" / "metrics.csv") as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f)]
+    assert sorted(set(steps)) == [0, 1, 2]
+
+
+def test_merged_export_matches_the_adapted_policy(tmp_path):
+    trainer = _trainer(tmp_path, num_rounds=1, save_merged=True, eval_before_training=False)
+    module = make_module()
+    trainer.fit(module, make_data())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    module.load_trainable_state(trainer.global_state)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)

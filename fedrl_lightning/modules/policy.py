@@ -168,7 +168,7 @@ class PolicyModule(L.LightningModule):
     # -- export ------------------------------------------------------------------------------------------------
 
     def save_adapter(self, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
-        """Write ``state`` (default: the current adapter) in PEFT format, loadable with ``PeftModel.from_pretrained``."""
+        """Write ``state`` (default: the current adapter) in PEFT format (``PeftModel.from_pretrained`` loads it)."""
         if state is not None:
             current = self.trainable_state()
             self.load_trainable_state(state)
