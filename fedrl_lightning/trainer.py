@@ -26,6 +26,7 @@ from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import ClientState, evaluate, run_round
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
+from fedrl_lightning.errors import StopFederation
 from fedrl_lightning.plots import plot_run
 from fedrl_lightning.rollout import RolloutBackend
 from fedrl_lightning.rollout.hf import HFRollout
@@ -105,6 +106,7 @@ class FederatedTrainer:
         self.global_state: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.round_idx = 0
+        self.stopped: str | None = None
         self.console = Console(stderr=True)
 
     @property
@@ -140,8 +142,14 @@ class FederatedTrainer:
         with self._progress() as bar:
             task = bar.add_task("rounds", total=self.num_rounds, completed=self.round_idx)
             while self.round_idx < self.num_rounds:
+                try:
+                    metrics = self._run_round(self.round_idx + 1, bar)
+                except StopFederation as stop:
+                    # Nothing of this round is kept: the last checkpoint stays the valid state of the run.
+                    self.console.print(f"[bold red]stopped before round {self.round_idx + 1} completed:[/] {stop}")
+                    self.stopped = str(stop)
+                    break
                 self.round_idx += 1
-                metrics = self._run_round(self.round_idx, bar)
                 self._log(self.round_idx, metrics)
                 self._print_round(self.round_idx, metrics)
                 self._save_checkpoint()
@@ -169,6 +177,7 @@ class FederatedTrainer:
         if self.aggregation is not None:
             fabric.call("on_before_aggregate", trainer=self, round_idx=r, updates=updates)
             self.global_state = self.aggregation.aggregate(self.global_state, updates)
+            metrics.update(getattr(self.aggregation, "metrics", dict)())
             fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
         totals = self.comm.totals(r)
         metrics.update({"comm/bytes_down": totals["down"], "comm/bytes_up": totals["up"]})

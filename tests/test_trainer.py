@@ -118,3 +118,18 @@ def test_merged_export_matches_the_adapted_policy(tmp_path):
         expected = module.model(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_dp_fedavg_logs_epsilon_and_a_spent_budget_stops_cleanly(tmp_path):
+    from fedrl_lightning.privacy import DPFedAvg
+
+    dp = DPFedAvg(num_clients=2, noise_multiplier=1.0, clip_norm=0.05, delta=1e-3)
+    trainer = _trainer(tmp_path / "dp", num_rounds=1, aggregation=dp, eval_before_training=False)
+    trainer.fit(make_module(), make_data())
+    assert trainer.history[-1]["dp/epsilon"] > 0 and trainer.stopped is None
+    # A target below one round's epsilon: the round is not released, the run stops with its last checkpoint.
+    tight = DPFedAvg(num_clients=2, noise_multiplier=1.0, clip_norm=0.05, delta=1e-3, target_epsilon=1e-3)
+    stopped = _trainer(tmp_path / "tight", num_rounds=2, aggregation=tight, eval_before_training=False)
+    stopped.fit(make_module(), make_data())
+    assert stopped.round_idx == 0 and "target_epsilon" in stopped.stopped
+    assert not stopped.checkpoint_path.exists()
