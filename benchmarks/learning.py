@@ -76,7 +76,7 @@ def main(
         seed=seed,
     )
     start = time.perf_counter()
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=None)
     minutes = (time.perf_counter() - start) / 60
     evals = [h for h in trainer.history if "eval/accuracy_mean" in h]
     train = [h["client0/reward"] for h in trainer.history if "client0/reward" in h]

@@ -55,8 +55,8 @@ class FedRLCLI(LightningCLI):
         parser = self._parser("fit")
         (out / "config.yaml").write_text(parser.dump(self.config["fit"], skip_none=False))
 
-    def fit(self, model: PolicyModule, datamodule: FederatedData, **_: Any) -> None:
-        self.trainer.fit(model, datamodule)
+    def fit(self, model: PolicyModule, datamodule: FederatedData, ckpt_path: str | None = "last", **_: Any) -> None:
+        self.trainer.fit(model, datamodule, ckpt_path=ckpt_path)
 
 
 def main(args: Any = None) -> None:

@@ -1,4 +1,4 @@
-"""FederatedTrainer: Lightning Fabric, the round loop, hooks, evaluation, logs and checkpoints.
+"""FederatedTrainer: Lightning Fabric, the round loop, hooks, client faults, evaluation, logs and checkpoints.
 
 One base model is resident; a client's private state (adapter when not aggregated, optimizer state, RNG, data
 cursor) is kept on CPU and swapped in around its round, so memory grows with adapter size x clients, not with
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ import lightning as L
 import torch
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.progress import Progress
 
+from fedrl_lightning import checkpoint, reporting
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import ClientState, evaluate, run_round
@@ -33,7 +34,10 @@ from fedrl_lightning.rollout.hf import HFRollout
 from fedrl_lightning.selection import UniformSelector
 
 log = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
+
+
+class ClientFault(RuntimeError):
+    """A client's round failed: it is dropped from the round, the others go on."""
 
 
 class FederatedTrainer:
@@ -50,13 +54,19 @@ class FederatedTrainer:
         eval_before_training: also evaluate before the first round (round 0 in the logs).
         eval_batch_size: prompts per generation call during evaluation.
         output_dir: where metrics.csv, TensorBoard logs, checkpoints, the plot and the adapter go.
-        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
+        keep_checkpoints: how many round checkpoints to keep (the newest).
+        client_timeout: seconds a client may take for its round; a slower client is dropped from the round (checked
+            after each local step, so a step in progress finishes first). None = no limit.
+        max_update_norm: drop an update whose L2 distance to the global adapter exceeds this. None = no limit.
+        min_clients: fewest successful clients a round needs to aggregate.
+        round_retries: how often a round short of ``min_clients`` is retried (from the same state) before the run
+            stops with its last checkpoint.
         save_merged: also export the final global adapter merged into the base model.
         accelerator: Fabric accelerator (``cpu``, ``cuda``, ``auto``).
         devices: Fabric devices.
         precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
         seed: seed of the client RNG streams and data sampling.
-        progress: show a progress bar.
+        progress: show a progress bar and per-round lines.
     """
 
     def __init__(
@@ -71,7 +81,11 @@ class FederatedTrainer:
         eval_before_training: bool = True,
         eval_batch_size: int = 32,
         output_dir: str = "runs/default",
-        resume: bool = True,
+        keep_checkpoints: int = 2,
+        client_timeout: float | None = None,
+        max_update_norm: float | None = None,
+        min_clients: int = 1,
+        round_retries: int = 1,
         save_merged: bool = False,
         accelerator: str = "cpu",
         devices: int = 1,
@@ -81,17 +95,18 @@ class FederatedTrainer:
     ) -> None:
         if num_rounds < 1 or local_steps < 1:
             raise ValueError(f"num_rounds and local_steps must be >= 1, got {num_rounds} and {local_steps}")
+        if min_clients < 1 or round_retries < 0:
+            raise ValueError(f"min_clients must be >= 1 and round_retries >= 0, got {min_clients}, {round_retries}")
         self.num_rounds, self.local_steps = num_rounds, local_steps
         self.aggregation = aggregation
         self.selector = selector or UniformSelector(seed=seed)
         self.rollout = rollout or HFRollout()
-        self.eval_every, self.eval_before_training, self.eval_batch_size = (
-            eval_every,
-            eval_before_training,
-            eval_batch_size,
-        )
-        self.output_dir, self.resume, self.save_merged = Path(output_dir), resume, save_merged
-        self.seed, self.progress = seed, progress
+        self.eval_every, self.eval_before_training = eval_every, eval_before_training
+        self.eval_batch_size = eval_batch_size
+        self.output_dir, self.keep_checkpoints = Path(output_dir), keep_checkpoints
+        self.client_timeout, self.max_update_norm = client_timeout, max_update_norm
+        self.min_clients, self.round_retries = min_clients, round_retries
+        self.save_merged, self.seed, self.progress = save_merged, seed, progress
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._csv = CSVLogger(str(self.output_dir), name="", version="")
         self.fabric = L.Fabric(
@@ -110,40 +125,43 @@ class FederatedTrainer:
         self.console = Console(stderr=True)
 
     @property
-    def checkpoint_path(self) -> Path:
-        return self.output_dir / "checkpoints" / "last.pt"
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
 
     # -- the run -----------------------------------------------------------------------------------------------
 
-    def fit(self, module: Any, data: FederatedData) -> dict[str, float]:
-        """Train ``module`` federatedly on ``data``; returns the last round's metrics."""
+    def fit(self, module: Any, data: FederatedData, ckpt_path: str | None = "last") -> dict[str, float]:
+        """Train ``module`` federatedly on ``data``; returns the last round's metrics.
+
+        Args:
+            module: the policy module (e.g. ``GRPOModule``).
+            data: the clients' data.
+            ckpt_path: ``last`` resumes from the newest valid checkpoint in ``output_dir`` if there is one (a torn
+                checkpoint is skipped); a checkpoint directory resumes from it; null starts over.
+        """
         fabric = self.fabric
         fabric.launch()
         fabric.seed_everything(self.seed)
-        optimizer = module.configure_optimizers()
-        self.module, self.optimizer = fabric.setup(module, optimizer)
+        self.module, self.optimizer = fabric.setup(module, module.configure_optimizers())
         self.data = data
         data.prepare_data()
         data.setup("fit")  # build every client's split now, so bad data fails before any training
         self._fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
-        self.global_state = module.trainable_state()
-        self._initial_adapter = self.global_state
+        self.global_state = self._initial_adapter = module.trainable_state()
         self.client_states = {cid: self._new_client_state(cid) for cid in data.client_ids()}
-        if self.resume and self.checkpoint_path.is_file():
-            self._load_checkpoint()
-            # The CSV logger rewrites metrics.csv from what it has seen: give it the rounds before the restart.
-            for row in self.history:
-                self._csv.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
-            self.console.print(f"Resuming from {self.checkpoint_path} after round {self.round_idx}")
-        self._print_plan(module)
+        resume_from = checkpoint.resolve(ckpt_path, self.checkpoint_dir)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        if self.progress:
+            reporting.print_plan(self.console, self, module, data)
         fabric.call("on_fit_start", trainer=self, module=module)
         if self.round_idx == 0 and self.eval_before_training:
             self._log(0, self._evaluate(0))
-        with self._progress() as bar:
+        with reporting.progress_bar(self.console, self.progress) as bar:
             task = bar.add_task("rounds", total=self.num_rounds, completed=self.round_idx)
             while self.round_idx < self.num_rounds:
                 try:
-                    metrics = self._run_round(self.round_idx + 1, bar)
+                    metrics = self._run_round_with_retries(self.round_idx + 1, bar)
                 except StopFederation as stop:
                     # Nothing of this round is kept: the last checkpoint stays the valid state of the run.
                     self.console.print(f"[bold red]stopped before round {self.round_idx + 1} completed:[/] {stop}")
@@ -151,13 +169,27 @@ class FederatedTrainer:
                     break
                 self.round_idx += 1
                 self._log(self.round_idx, metrics)
-                self._print_round(self.round_idx, metrics)
-                self._save_checkpoint()
+                if self.progress:
+                    reporting.print_round(self.console, self.round_idx, self.num_rounds, metrics)
+                if fabric.is_global_zero:
+                    checkpoint.save(self.checkpoint_dir, self.round_idx, self.state_dict(), self.keep_checkpoints)
                 fabric.call("on_round_end", trainer=self, round_idx=self.round_idx, metrics=metrics)
                 bar.update(task, advance=1)
         self._write_outputs()
         fabric.call("on_fit_end", trainer=self)
         return self.history[-1] if self.history else {}
+
+    def _run_round_with_retries(self, r: int, bar: Progress) -> dict[str, float]:
+        """A round that misses ``min_clients`` is retried from the same client states, then stops the run."""
+        snapshot = copy.deepcopy(self.client_states)
+        for attempt in range(self.round_retries + 1):
+            try:
+                return self._run_round(r, bar)
+            except _TooFewClients as short:
+                self.client_states = copy.deepcopy(snapshot)
+                log.warning("round %d attempt %d: %s", r, attempt + 1, short)
+                reason = str(short)
+        raise StopFederation(f"round {r} failed {self.round_retries + 1} time(s): {reason}")
 
     def _run_round(self, r: int, bar: Progress) -> dict[str, float]:
         fabric = self.fabric
@@ -168,12 +200,21 @@ class FederatedTrainer:
         updates: list[ClientUpdate] = []
         task = bar.add_task(f"round {r} clients", total=len(client_ids))
         for cid in client_ids:
-            update = self._client_round(r, cid)
-            metrics.update({f"client{cid}/{k}": v for k, v in update.metrics.items()})
-            fabric.call("on_client_end", trainer=self, round_idx=r, client_id=cid, update=update)
-            updates.append(update)
+            try:
+                update = self._client_round(r, cid)
+            except Exception as err:  # a client failing must not take the federation down
+                log.warning("round %d: client %d dropped: %s", r, cid, err, exc_info=not isinstance(err, ClientFault))
+                self.console.print(f"[yellow]round {r}: client {cid} dropped: {err}[/]")
+                metrics[f"faults/client{cid}"] = 1.0
+            else:
+                metrics.update({f"client{cid}/{k}": v for k, v in update.metrics.items()})
+                fabric.call("on_client_end", trainer=self, round_idx=r, client_id=cid, update=update)
+                updates.append(update)
             bar.update(task, advance=1)
         bar.remove_task(task)
+        metrics["faults/dropped"] = float(len(client_ids) - len(updates))
+        if len(updates) < min(self.min_clients, len(client_ids)):
+            raise _TooFewClients(f"{len(updates)} of {len(client_ids)} clients replied, min_clients={self.min_clients}")
         if self.aggregation is not None:
             fabric.call("on_before_aggregate", trainer=self, round_idx=r, updates=updates)
             self.global_state = self.aggregation.aggregate(self.global_state, updates)
@@ -181,19 +222,24 @@ class FederatedTrainer:
             fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
         totals = self.comm.totals(r)
         metrics.update({"comm/bytes_down": totals["down"], "comm/bytes_up": totals["up"]})
-        metrics["train/reward_mean"] = _mean(v for k, v in metrics.items() if k.endswith("/reward"))
+        metrics["train/reward_mean"] = _mean(u.metrics["reward"] for u in updates if "reward" in u.metrics)
         if (self.eval_every and r % self.eval_every == 0) or r == self.num_rounds:
             metrics.update(self._evaluate(r))
         return metrics
 
     def _client_round(self, r: int, cid: int) -> ClientUpdate:
-        """Swap client ``cid``'s private state in, run its local steps, swap it out, send its update up."""
+        """Swap client ``cid``'s private state in, run its local steps, swap it out, send its update up.
+
+        The client's stored state changes only when the round succeeds, so a failed round leaves it as it was.
+        """
         module, state = self.module, self.client_states[cid]
+        start = time.monotonic()
         self.fabric.call("on_client_start", trainer=self, round_idx=r, client_id=cid, module=module)
         if self.aggregation is not None:
-            module.load_trainable_state(self.comm.send_down(r, cid, self.global_state))
+            start_adapter = self.comm.send_down(r, cid, self.global_state)
         else:
-            module.load_trainable_state(state.adapter if state.adapter is not None else self._initial_adapter)
+            start_adapter = state.adapter if state.adapter is not None else self._initial_adapter
+        module.load_trainable_state(start_adapter)
         self.optimizer.load_state_dict(state.optimizer or self._fresh_optimizer)
         torch.set_rng_state(state.rng)
         sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
@@ -201,24 +247,27 @@ class FederatedTrainer:
 
         def on_step(step: int) -> None:
             self.fabric.call("on_local_step_end", trainer=self, round_idx=r, client_id=cid, module=module, step=step)
+            elapsed = time.monotonic() - start
+            if self.client_timeout is not None and elapsed > self.client_timeout:
+                raise ClientFault(f"timed out after {elapsed:.1f} s (client_timeout={self.client_timeout})")
 
+        examples = self.data.train_examples(cid)
         prompts, tokens, metrics = run_round(
-            self.fabric,
-            module,
-            self.optimizer,
-            self.rollout,
-            self.data.train_examples(cid),
-            sampler,
-            self.local_steps,
-            on_step,
+            self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step
         )
         adapter = module.trainable_state()
+        if self.max_update_norm is not None:
+            norm = sum(float((adapter[k] - v).double().square().sum()) for k, v in start_adapter.items()) ** 0.5
+            if not math.isfinite(norm):
+                raise ClientFault(f"non-finite update (norm {norm})")
+            if norm > self.max_update_norm:
+                raise ClientFault(f"update norm {norm:.3g} exceeds max_update_norm={self.max_update_norm}")
+        if self.aggregation is not None:
+            adapter = self.comm.send_up(r, cid, adapter)  # rejects NaN/Inf
         state.optimizer = copy.deepcopy(self.optimizer.state_dict())
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()
         if self.aggregation is None:
             state.adapter = adapter
-        else:
-            adapter = self.comm.send_up(r, cid, adapter)
         return ClientUpdate(cid, adapter, prompts, tokens, metrics)
 
     def _evaluate(self, r: int) -> dict[str, float]:
@@ -245,37 +294,35 @@ class FederatedTrainer:
         return ClientState(sampler=sampler.state_dict(), rng=rng)
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run bit for bit."""
         return {
-            "version": CHECKPOINT_VERSION,
             "round": self.round_idx,
             "global_state": self.global_state,
             "client_states": {cid: asdict(s) for cid, s in self.client_states.items()},
             "aggregation": self.aggregation.state_dict() if self.aggregation is not None else None,
+            "selector": getattr(self.selector, "state_dict", dict)(),
             "comm": self.comm.state_dict(),
             "history": self.history,
+            "rng": checkpoint.rng_state(),
         }
 
-    def _save_checkpoint(self) -> None:
-        """Atomic: write a temporary file, then rename, so a killed run never leaves a torn checkpoint."""
-        if not self.fabric.is_global_zero:
-            return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint_path)
-
-    def _load_checkpoint(self) -> None:
-        ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{self.checkpoint_path}: unsupported checkpoint version {ckpt.get('version')}")
+    def _load_checkpoint(self, path: Path) -> None:
+        ckpt = checkpoint.load(path)
         unknown = set(ckpt["client_states"]) - set(self.client_states)
         if unknown:
-            raise ValueError(f"{self.checkpoint_path}: clients {sorted(unknown)} are not in this run's data")
+            raise ValueError(f"{path}: clients {sorted(unknown)} are not in this run's data")
         self.round_idx, self.global_state, self.history = ckpt["round"], ckpt["global_state"], ckpt["history"]
         self.client_states.update({cid: ClientState(**s) for cid, s in ckpt["client_states"].items()})
         if self.aggregation is not None and ckpt["aggregation"] is not None:
             self.aggregation.load_state_dict(ckpt["aggregation"])
+        if hasattr(self.selector, "load_state_dict"):
+            self.selector.load_state_dict(ckpt["selector"])
         self.comm.load_state_dict(ckpt["comm"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        # The CSV logger rewrites metrics.csv from what it has seen: give it the rounds before the restart.
+        for row in self.history:
+            self._csv.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
+        self.console.print(f"Resuming from {path} after round {self.round_idx}")
 
     # -- outputs -----------------------------------------------------------------------------------------------
 
@@ -297,64 +344,13 @@ class FederatedTrainer:
                 if state.adapter is not None:
                     self.module.save_adapter(self.output_dir / "adapters" / f"client{cid}", state.adapter)
         plot_run(self.history, self.output_dir / "curves.png")
-        self._print_summary()
+        if self.progress:
+            reporting.print_summary(self.console, self.history, self.data.client_ids())
+            self.console.print(f"outputs in {self.output_dir}")
 
-    def _print_round(self, r: int, metrics: dict[str, float]) -> None:
-        if not self.progress:
-            return
-        line = f"round {r}/{self.num_rounds}: train reward {metrics['train/reward_mean']:.3f}"
-        if "eval/accuracy_mean" in metrics:
-            line += f", held-out accuracy {metrics['eval/accuracy_mean']:.3f}"
-        line += f", sent {metrics['comm/bytes_down'] / 1e6:.2f} MB down / {metrics['comm/bytes_up'] / 1e6:.2f} MB up"
-        self.console.print(line)
 
-    def _print_plan(self, module: Any) -> None:
-        """The federation and the batch geometry, printed once so a mis-sized run is obvious before it starts."""
-        if not self.progress:
-            return
-        table = Table(title="clients")
-        for col in ("client", "train", "held-out", "tasks"):
-            table.add_column(col, justify="right" if col != "tasks" else "left")
-        for row in self.data.describe():
-            tasks = ", ".join(f"{k}:{v}" for k, v in row["task_counts"].items())
-            table.add_row(str(row["client_id"]), str(row["n_train"]), str(row["n_eval"]), tasks)
-        self.console.print(table)
-        g = getattr(module, "num_generations", 1)
-        per_step = getattr(module, "prompts_per_step", 0)
-        agg = type(self.aggregation).__name__ if self.aggregation is not None else "none (local-only)"
-        self.console.print(
-            f"{self.num_rounds} rounds x {self.local_steps} local steps; {per_step} prompts x {g} generations "
-            f"= {per_step * g} completions per step; aggregation {agg}; outputs in {self.output_dir}"
-        )
-
-    def _print_summary(self) -> None:
-        evals = [h for h in self.history if "eval/accuracy_mean" in h]
-        if not evals:
-            return
-        first, last = evals[0], evals[-1]
-        table = Table(title=f"held-out accuracy (round {first['round']} -> {last['round']})")
-        for col in ("client", "before", "after", "reward before", "reward after"):
-            table.add_column(col, justify="right")
-        for cid in self.data.client_ids():
-            k = f"client{cid}/eval"
-            table.add_row(
-                str(cid),
-                *(f"{h.get(f'{k}/{m}', float('nan')):.3f}" for m in ("accuracy", "reward") for h in (first, last)),
-            )
-        table.add_row("mean", *(f"{h[f'eval/{m}_mean']:.3f}" for m in ("accuracy", "reward") for h in (first, last)))
-        self.console.print(table)
-        self.console.print(f"outputs in {self.output_dir}")
-
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=self.console,
-            disable=not self.progress,
-            transient=False,
-        )
+class _TooFewClients(RuntimeError):
+    pass
 
 
 def _mean(values: Any) -> float:

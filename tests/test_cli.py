@@ -7,6 +7,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from fedrl_lightning import checkpoint
 from fedrl_lightning.cli import FedRLCLI
 from fedrl_lightning.models import load_causal_lm
 
@@ -32,7 +33,7 @@ def test_tiny_cli_run_writes_metrics_plot_and_loadable_adapter(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["num_rounds"] == 2
     base, _ = load_causal_lm("tiny-random")
     peft_model = PeftModel.from_pretrained(base, out / "adapter")
-    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
     loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert loaded.keys() == ckpt["global_state"].keys()
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["global_state"].items())

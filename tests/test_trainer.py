@@ -54,7 +54,7 @@ def test_fit_runs_hooks_in_order_aggregates_by_fedavg_and_writes_outputs(tmp_pat
     # the global adapter is exactly the prompt-weighted mean of what the clients sent up
     expected = weighted_average([u.state for u in recorder.updates], [u.num_samples for u in recorder.updates])
     assert all(torch.equal(trainer.global_state[k], v) for k, v in expected.items())
-    for name in ("metrics.csv", "curves.png", "checkpoints/last.pt", "adapter/adapter_model.safetensors"):
+    for name in ("metrics.csv", "curves.png", "checkpoints/round-000001/state.pt", "adapter/adapter_model.safetensors"):
         assert (tmp_path / name).is_file(), name
     assert trainer.comm.totals(1)["up"] > 0 and trainer.comm.totals(1)["down"] > 0
     row = trainer.history[-1]
@@ -132,4 +132,4 @@ def test_dp_fedavg_logs_epsilon_and_a_spent_budget_stops_cleanly(tmp_path):
     stopped = _trainer(tmp_path / "tight", num_rounds=2, aggregation=tight, eval_before_training=False)
     stopped.fit(make_module(), make_data())
     assert stopped.round_idx == 0 and "target_epsilon" in stopped.stopped
-    assert not stopped.checkpoint_path.exists()
+    assert not list(stopped.checkpoint_dir.glob("round-*"))

@@ -16,13 +16,19 @@ from typing import Any
 import torch
 
 from fedrl_lightning.rewards._text import completion_text, extract_answer
+from fedrl_lightning.rewards.code import CodeReward, binary_code_reward, code_reward, extract_code, make_code_reward
 from fedrl_lightning.rewards.format import answer_tag_reward, format_reward, len_reward, tag_count_reward
 from fedrl_lightning.rewards.math import accuracy_reward
 from fedrl_lightning.rewards.qa import qa_exact_match, qa_reward
 from fedrl_lightning.rewards.reasoning_gym import reasoning_gym_reward
 
 __all__ = [
+    "CodeReward",
     "RewardFunc",
+    "binary_code_reward",
+    "code_reward",
+    "extract_code",
+    "make_code_reward",
     "accuracy_reward",
     "answer_tag_reward",
     "completion_text",

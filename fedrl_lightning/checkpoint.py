@@ -1,0 +1,106 @@
+"""Atomic, verifiable round checkpoints.
+
+Each round is saved as a directory ``round-NNNNNN/`` holding ``state.pt`` and, written last, ``manifest.json``
+with the round and the SHA-256 of ``state.pt``. The directory is assembled under a temporary name, every file is
+fsynced, then it is renamed into place and the parent directory is fsynced. A directory without a manifest or
+whose hash does not match is torn: ``latest_valid`` skips it and falls back to the previous round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+VERSION = 2
+_PREFIX = "round-"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(directory: Path, round_idx: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as round ``round_idx`` atomically; keep the newest ``keep`` rounds. Returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"{_PREFIX}{round_idx:06d}"
+    tmp = directory / f".tmp-{_PREFIX}{round_idx:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    _fsync(tmp / "state.pt")
+    manifest = {"version": VERSION, "round": round_idx, "sha256": _sha256(tmp / "state.pt")}
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    _fsync(tmp / "manifest.json")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(directory)
+    for old in sorted(directory.glob(f"{_PREFIX}*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def is_valid(path: Path) -> bool:
+    """A complete checkpoint: manifest present, readable, of this version, and matching the state's hash."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        return manifest["version"] == VERSION and manifest["sha256"] == _sha256(path / "state.pt")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def latest_valid(directory: Path) -> Path | None:
+    """The newest valid checkpoint under ``directory``; torn ones are reported and skipped."""
+    for path in sorted(directory.glob(f"{_PREFIX}*"), reverse=True):
+        if is_valid(path):
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt; falling back to an earlier one", path)
+    return None
+
+
+def resolve(ckpt_path: str | None, directory: Path) -> Path | None:
+    """``last`` -> the newest valid checkpoint (or None for a fresh run); a path must be a valid checkpoint."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        return latest_valid(directory)
+    path = Path(ckpt_path)
+    if not is_valid(path):
+        raise FileNotFoundError(f"ckpt_path {ckpt_path!r} is not a complete checkpoint directory (state.pt + manifest)")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states of python, numpy and torch."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,157 @@
+"""Exact resume after SIGKILL, torn checkpoints, client faults."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_data, make_module
+
+from fedrl_lightning import checkpoint
+from fedrl_lightning.aggregation import FedAvg
+from fedrl_lightning.callbacks import Callback
+from fedrl_lightning.trainer import FederatedTrainer
+
+ROOT = Path(__file__).parent.parent
+
+RUN = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    from conftest import make_data, make_module
+    from fedrl_lightning.aggregation import FedAvg
+    from fedrl_lightning.callbacks import Callback
+    from fedrl_lightning.trainer import FederatedTrainer
+
+    class KillMidRound(Callback):
+        # SIGKILL: no cleanup, no exception handler, like the OOM killer or a pulled plug.
+        def on_client_end(self, round_idx, client_id):
+            if round_idx == {kill_round} and client_id == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = FederatedTrainer(num_rounds=3, aggregation=FedAvg(), output_dir={out!r}, progress=False,
+                               eval_batch_size=4, callbacks=[KillMidRound()])
+    trainer.fit(make_module(), make_data())
+    torch.save({{"global": trainer.global_state, "history": trainer.history}}, {out!r} + "/final.pt")
+    """
+)
+
+
+def _run(out: Path, kill_round: int) -> subprocess.CompletedProcess:
+    script = RUN.format(tests=str(ROOT / "tests"), kill_round=kill_round, out=str(out))
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _comparable(history):
+    # Wall-clock timings differ between any two runs; everything else must match exactly.
+    return [{k: v for k, v in row.items() if "timing/" not in k} for row in history]
+
+
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = _run(tmp_path / "straight", kill_round=-1)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run(tmp_path / "killed", kill_round=2)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.latest_valid(tmp_path / "killed" / "checkpoints").name == "round-000001"
+    resumed = _run(tmp_path / "killed", kill_round=-1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=False)
+    assert a["global"].keys() == b["global"].keys()
+    assert all(torch.equal(a["global"][k], b["global"][k]) for k in a["global"])  # bitwise
+    assert _comparable(a["history"]) == _comparable(b["history"])
+
+
+def test_torn_checkpoint_falls_back_to_the_previous_round(tmp_path):
+    for r in (1, 2):
+        checkpoint.save(tmp_path, r, {"round": r}, keep=3)
+    (tmp_path / "round-000002" / "state.pt").write_bytes(b"truncated")
+    assert checkpoint.latest_valid(tmp_path).name == "round-000001"
+    (tmp_path / "round-000001" / "manifest.json").unlink()
+    assert checkpoint.latest_valid(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve(str(tmp_path / "round-000002"), tmp_path)
+
+
+def test_keep_checkpoints_prunes_old_rounds(tmp_path):
+    for r in range(1, 5):
+        checkpoint.save(tmp_path, r, {"round": r}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000003", "round-000004"]
+    manifest = json.loads((tmp_path / "round-000004" / "manifest.json").read_text())
+    assert manifest["round"] == 4
+
+
+class Sabotage(Callback):
+    """Makes one client fail in a chosen way."""
+
+    def __init__(self, client_id, how):
+        self.client_id, self.how = client_id, how
+
+    def on_client_start(self, client_id):
+        if client_id == self.client_id and self.how == "raise":
+            raise RuntimeError("disk full on the client")
+
+    def on_local_step_end(self, client_id, module):
+        if client_id != self.client_id:
+            return
+        with torch.no_grad():
+            param = next(p for p in module.model.parameters() if p.requires_grad)
+            if self.how == "nan":
+                param.fill_(float("nan"))
+            elif self.how == "explode":
+                param.mul_(1e6).add_(1e3)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [("raise", "disk full"), ("nan", "non-finite"), ("explode", "exceeds max_update_norm")],
+)
+def test_faulty_client_is_dropped_with_reason_and_metric(tmp_path, how, message, caplog):
+    trainer = FederatedTrainer(
+        num_rounds=1,
+        aggregation=FedAvg(),
+        output_dir=str(tmp_path),
+        progress=False,
+        eval_before_training=False,
+        callbacks=[Sabotage(1, how)],
+        max_update_norm=100.0,
+        eval_batch_size=4,
+    )
+    trainer.fit(make_module(), make_data())
+    row = trainer.history[-1]
+    assert row["faults/client1"] == 1.0 and row["faults/dropped"] == 1.0 and "faults/client0" not in row
+    assert message in caplog.text
+    assert all(torch.isfinite(v).all() for v in trainer.global_state.values())
+    assert trainer.round_idx == 1 and trainer.stopped is None
+
+
+def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_path):
+    trainer = FederatedTrainer(
+        num_rounds=2,
+        aggregation=FedAvg(),
+        output_dir=str(tmp_path),
+        progress=False,
+        eval_before_training=False,
+        eval_batch_size=4,
+    )
+    trainer.fit(make_module(), make_data(), ckpt_path=None)
+    assert trainer.round_idx == 2
+    later = FederatedTrainer(
+        num_rounds=3,
+        aggregation=FedAvg(),
+        output_dir=str(tmp_path),
+        progress=False,
+        client_timeout=1e-6,
+        min_clients=2,
+        round_retries=2,
+        eval_batch_size=4,
+    )
+    later.fit(make_module(), make_data())
+    assert later.round_idx == 2 and "failed 3 time(s)" in later.stopped and "min_clients=2" in later.stopped
+    assert checkpoint.latest_valid(tmp_path / "checkpoints").name == "round-000002"
+    assert all(torch.equal(later.global_state[k], v) for k, v in trainer.global_state.items())
