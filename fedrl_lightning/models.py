@@ -100,13 +100,27 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     return name
 
 
+def _check_local(name: str) -> None:
+    """Fail fast with a clear message: there is no hub here, only local paths and the local HF cache."""
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
+    if looks_like_path and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+
+
 def load_tokenizer(name: str, cache_dir: str | Path | None = None):
     """Tokenizer for a model spec, with a pad token and left padding (for batched generation)."""
     if name in (EMBEDDED, TINY):
         path = embedded_tokenizer_dir(cache_dir)
     else:
+        _check_local(name)
         path = name
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"model {name!r}: no tokenizer in a local directory or the local HF cache (nothing is downloaded). "
+            f"Use 'embedded', 'tiny-random' or a local path."
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -155,12 +169,12 @@ def load_causal_lm(
     else:
         path = resolve_model_path(name, cache_dir)
         try:
-            AutoConfig.from_pretrained(path)
+            AutoConfig.from_pretrained(path, local_files_only=True)
         except OSError as err:
             raise FileNotFoundError(
-                f"model {name!r}: not a local checkpoint and not in the local HF cache (no hub access here). "
+                f"model {name!r}: not a local checkpoint and not in the local HF cache (nothing is downloaded). "
                 f"Use 'embedded', 'tiny-random' or a local path."
             ) from err
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **kwargs)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

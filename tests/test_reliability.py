@@ -155,3 +155,58 @@ def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_
     assert later.round_idx == 2 and "failed 3 time(s)" in later.stopped and "min_clients=2" in later.stopped
     assert checkpoint.latest_valid(tmp_path / "checkpoints").name == "round-000002"
     assert all(torch.equal(later.global_state[k], v) for k, v in trainer.global_state.items())
+
+
+def test_missing_model_path_and_unknown_hub_id_fail_fast_with_the_name(tmp_path):
+    from fedrl_lightning.models import load_causal_lm
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_causal_lm(str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="someorg/somemodel.*nothing is downloaded"):
+        load_causal_lm("someorg/somemodel")
+
+
+def test_prompts_as_messages_without_a_chat_template_name_the_problem():
+    from fedrl_lightning.rollout.hf import HFRollout
+
+    module = make_module()
+    module.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        HFRollout().generate(module, [[{"role": "user", "content": "hi"}]], module.sampling)
+    rollout = HFRollout().generate(module, ["plain prompt"], module.sampling)
+    assert len(rollout) == module.num_generations
+
+
+def test_mistyped_config_key_and_bad_data_file_are_named(tmp_path, capsys):
+    from fedrl_lightning.cli import FedRLCLI
+
+    with pytest.raises(SystemExit):
+        FedRLCLI(args=["fit", "-c", "configs/tiny.yaml", "--model.init_args.lora_rank", "4"])
+    assert "lora_rank" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n{"question": "no prompt column", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1.*prompt"):
+        make_data(data_files=[str(bad)], num_clients=1, partition="iid").setup("fit")
+
+
+def test_ckpt_path_last_through_the_cli_resumes(tmp_path):
+    from fedrl_lightning.cli import FedRLCLI
+
+    out = str(tmp_path / "run")
+    FedRLCLI(args=["fit", "-c", "configs/tiny.yaml", "--trainer.output_dir", out, "--trainer.num_rounds", "1"])
+    FedRLCLI(
+        args=[
+            "fit",
+            "-c",
+            "configs/tiny.yaml",
+            "--trainer.output_dir",
+            out,
+            "--trainer.num_rounds",
+            "2",
+            "--ckpt_path",
+            "last",
+        ]
+    )
+    assert checkpoint.latest_valid(tmp_path / "run" / "checkpoints").name == "round-000002"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        FedRLCLI(args=["fit", "-c", "configs/tiny.yaml", "--trainer.output_dir", out, "--ckpt_path", out])

@@ -14,6 +14,11 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_prompt_length: int | 
 
     Long prompts keep their last ``max_prompt_length`` tokens (the question and the generation prompt).
     """
+    if tokenizer.chat_template is None and not all(isinstance(p, str) for p in prompts):
+        raise ValueError(
+            f"the tokenizer of {tokenizer.name_or_path!r} has no chat template, but the prompts are chat messages: "
+            "use an instruct model, set tokenizer.chat_template, or give plain-string prompts"
+        )
     texts = [
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         for p in prompts
