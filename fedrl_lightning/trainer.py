@@ -207,7 +207,6 @@ class FederatedTrainer:
                 self.console.print(f"[yellow]round {r}: client {cid} dropped: {err}[/]")
                 metrics[f"faults/client{cid}"] = 1.0
             else:
-                metrics.update({f"client{cid}/{k}": v for k, v in update.metrics.items()})
                 fabric.call("on_client_end", trainer=self, round_idx=r, client_id=cid, update=update)
                 updates.append(update)
             bar.update(task, advance=1)
@@ -220,6 +219,8 @@ class FederatedTrainer:
             self.global_state = self.aggregation.aggregate(self.global_state, updates)
             metrics.update(getattr(self.aggregation, "metrics", dict)())
             fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
+        for update in updates:  # after on_before_aggregate, which may add metrics (e.g. aggregation weights)
+            metrics.update({f"client{update.client_id}/{k}": v for k, v in update.metrics.items()})
         totals = self.comm.totals(r)
         metrics.update({"comm/bytes_down": totals["down"], "comm/bytes_up": totals["up"]})
         metrics["train/reward_mean"] = _mean(u.metrics["reward"] for u in updates if "reward" in u.metrics)
@@ -304,6 +305,7 @@ class FederatedTrainer:
             "comm": self.comm.state_dict(),
             "history": self.history,
             "rng": checkpoint.rng_state(),
+            "callbacks": [getattr(cb, "state_dict", dict)() for cb in self.fabric._callbacks],
         }
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -319,6 +321,9 @@ class FederatedTrainer:
             self.selector.load_state_dict(ckpt["selector"])
         self.comm.load_state_dict(ckpt["comm"])
         checkpoint.set_rng_state(ckpt["rng"])
+        for cb, state in zip(self.fabric._callbacks, ckpt["callbacks"]):
+            if hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(state)
         # The CSV logger rewrites metrics.csv from what it has seen: give it the rounds before the restart.
         for row in self.history:
             self._csv.log_metrics({k: v for k, v in row.items() if k != "round"}, step=row["round"])
