@@ -72,7 +72,6 @@ def main(
         aggregation=FedAvg(),
         eval_every=eval_every,
         output_dir=str(run_dir),
-        resume=False,
         seed=seed,
     )
     start = time.perf_counter()
