@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_data, make_module
 
+from conftest import make_data, make_module
 from fedrl_lightning import checkpoint
 from fedrl_lightning.aggregation import FedAvg
 from fedrl_lightning.callbacks import Callback
@@ -130,7 +130,7 @@ def test_faulty_client_is_dropped_with_reason_and_metric(tmp_path, how, message,
     assert trainer.round_idx == 1 and trainer.stopped is None
 
 
-def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_path):
+def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_path, caplog):
     trainer = FederatedTrainer(
         num_rounds=2,
         aggregation=FedAvg(),
@@ -153,6 +153,7 @@ def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_
     )
     later.fit(make_module(), make_data())
     assert later.round_idx == 2 and "failed 3 time(s)" in later.stopped and "min_clients=2" in later.stopped
+    assert "timed out after" in caplog.text and "client_timeout=1e-06" in caplog.text
     assert checkpoint.latest_valid(tmp_path / "checkpoints").name == "round-000002"
     assert all(torch.equal(later.global_state[k], v) for k, v in trainer.global_state.items())
 
