@@ -1,6 +1,6 @@
 """Does the policy learn? The embedded model on one easy task for a fixed budget, held-out numbers before and after.
 
-    python benchmarks/learning.py                      # basic_arithmetic, 30 GRPO steps of 4 prompts x 8
+    python benchmarks/learning.py                      # basic_arithmetic, 20 GRPO steps of 4 prompts x 8
     python benchmarks/learning.py --rounds 2 --local_steps 2    # a quicker look
 
 Centralized GRPO (one client) through the same FederatedTrainer as every federated run. Prints mean training
@@ -29,14 +29,14 @@ from fedrl_lightning.trainer import FederatedTrainer
 
 def main(
     task: str = "basic_arithmetic",
-    rounds: int = 6,
+    rounds: int = 4,
     local_steps: int = 5,
     prompts_per_step: int = 4,
     num_generations: int = 8,
     max_completion_length: int = 48,
     learning_rate: float = 5e-5,
     eval_size: int = 48,
-    eval_every: int = 3,
+    eval_every: int = 2,
     seed: int = 0,
     out: str = "benchmarks/results",
 ) -> dict:

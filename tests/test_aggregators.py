@@ -12,17 +12,19 @@ from fedrl_lightning.aggregation import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
     FedYogi,
+    Krum,
     Scaffold,
     TaskAwareFedAvg,
+    TrimmedMean,
     lora_pairs,
     product_average,
     proximal_term,
     scaffold_correction,
     scaffold_new_client_c,
 )
-from fedrl_lightning.aggregation_robust import FedMedian, Krum, TrimmedMean
 
 F64 = torch.float64
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"

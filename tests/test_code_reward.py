@@ -21,16 +21,13 @@ import pytest
 from fedrl_lightning.rewards import compute_rewards, reward_func_name
 from fedrl_lightning.rewards.code import (
     CodeReward,
-    SandboxResult,
-    _interpreter_for,
     _parse_tests,
     binary_code_reward,
     code_reward,
     extract_code,
-    isolation_mode,
     make_code_reward,
-    run_sandboxed,
 )
+from fedrl_lightning.sandbox import SandboxResult, _interpreter_for, isolation_mode, run_sandboxed
 
 DOUBLE = "```python\nn = int(input())\nprint(n * 2)\n```"
 PLUS_ONE = "```python\nn = int(input())\nprint(n + 1)\n```"

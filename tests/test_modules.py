@@ -2,8 +2,8 @@
 
 import lightning as L
 import torch
-from conftest import make_module
 
+from conftest import make_module
 from fedrl_lightning.client import local_step
 from fedrl_lightning.rollout import completion_masks
 from fedrl_lightning.rollout.hf import HFRollout

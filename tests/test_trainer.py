@@ -4,9 +4,9 @@ import copy
 import csv
 
 import torch
-from conftest import make_data, make_module
 from transformers import AutoModelForCausalLM
 
+from conftest import make_data, make_module
 from fedrl_lightning.aggregation import FedAvg, weighted_average
 from fedrl_lightning.callbacks import HOOKS, Callback
 from fedrl_lightning.trainer import FederatedTrainer

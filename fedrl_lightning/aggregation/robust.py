@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedrl_lightning.aggregation import (
+from fedrl_lightning.aggregation.base import (
+    _F64,
+    _WEIGHTINGS,
     Aggregator,
     ClientUpdate,
     Weighting,
@@ -23,35 +25,39 @@ from fedrl_lightning.aggregation import (
     weighted_average,
 )
 
-_F64 = torch.float64
 
+class _CoordinateWise(Aggregator):
+    """Base of the coordinate-wise rules: per tensor, reduce the clients' values sorted along a new dim 0."""
 
-def _sorted_stack(states: Sequence[dict[str, Tensor]], name: str) -> Tensor:
-    """The clients' tensors ``name`` stacked on dim 0 (float64) and sorted along it."""
-    return torch.stack([s[name].detach().to("cpu", _F64) for s in states]).sort(dim=0).values
-
-
-class FedMedian(Aggregator):
-    """Coordinate-wise median of the clients' adapters (Yin et al. 2018); unweighted.
-
-    With an even number of clients the median is the mean of the two middle values (as ``numpy.median``, not the
-    lower one as ``torch.median``). Takes no arguments.
-    """
+    def reduce(self, ordered: Tensor) -> Tensor:
+        """The aggregate of one tensor from the clients' values ``ordered`` (float64, shape (n, ...), sorted on 0)."""
+        raise NotImplementedError
 
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         if not updates:
             return global_state
         states = [u.state for u in updates]
         check_same_keys(states)
-        n, out = len(states), {}
+        out = {}
         for name, ref in states[0].items():
-            ordered = _sorted_stack(states, name)
-            mid = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-            out[name] = mid.to(ref.dtype)
+            ordered = torch.stack([s[name].detach().to("cpu", _F64) for s in states]).sort(dim=0).values
+            out[name] = self.reduce(ordered).to(ref.dtype)
         return out
 
 
-class TrimmedMean(Aggregator):
+class FedMedian(_CoordinateWise):
+    """Coordinate-wise median of the clients' adapters (Yin et al. 2018); unweighted.
+
+    With an even number of clients the median is the mean of the two middle values (as ``numpy.median``, not the
+    lower one as ``torch.median``). Takes no arguments.
+    """
+
+    def reduce(self, ordered: Tensor) -> Tensor:
+        n = ordered.shape[0]
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+class TrimmedMean(_CoordinateWise):
     """Coordinate-wise trimmed mean (Yin et al. 2018; Flower's FedTrimmedAvg); unweighted.
 
     Per coordinate, drop the ⌊βn⌋ lowest and ⌊βn⌋ highest of the n client values and average the rest.
@@ -66,17 +72,10 @@ class TrimmedMean(Aggregator):
             raise ValueError(f"beta must be in [0, 0.5) so that trimming leaves a client, got {beta}")
         self.beta = beta
 
-    def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        if not updates:
-            return global_state
-        states = [u.state for u in updates]
-        check_same_keys(states)
-        n = len(states)
+    def reduce(self, ordered: Tensor) -> Tensor:
+        n = ordered.shape[0]
         k = int(self.beta * n)
-        out = {}
-        for name, ref in states[0].items():
-            out[name] = _sorted_stack(states, name)[k : n - k].mean(dim=0).to(ref.dtype)
-        return out
+        return ordered[k : n - k].mean(dim=0)
 
 
 class Krum(Aggregator):
@@ -99,7 +98,7 @@ class Krum(Aggregator):
             raise ValueError(f"num_malicious must be >= 0, got {num_malicious}")
         if num_selected < 1:
             raise ValueError(f"num_selected must be >= 1, got {num_selected}")
-        check_choice("weighting", weighting, ("prompts", "tokens", "uniform"))
+        check_choice("weighting", weighting, _WEIGHTINGS)
         self.num_malicious, self.num_selected, self.weighting = num_malicious, num_selected, weighting
         self.last_selected: list[int] = []
 

@@ -1,0 +1,73 @@
+"""Server-side aggregators: ``aggregate(global_state, updates) -> new global state``.
+
+Each aggregator keeps what it needs between rounds and exposes ``state_dict()``/``load_state_dict()`` so a resumed
+run continues exactly. Arithmetic is done in float64 on CPU; results keep the dtype of the input tensors, and server
+state (momentum, moments, control variates) is kept in float64 and never updated in place.
+
+Notation (``research/fed_anchors.md`` §6): global adapter x, client i returns y_i, delta Δ_i = y_i - x, normalised
+weights p_i, pseudo-gradient Δ̄ = Σ p_i Δ_i.
+
+Modules: ``base`` (``ClientUpdate``, the base classes, client weights, ``weighted_average``), ``lora`` (LoRA factor
+pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg), ``server_opt`` (FedAvgM, FedAdagrad,
+FedAdam, FedYogi, SCAFFOLD) and ``robust`` (FedMedian, TrimmedMean, Krum). Every public name is importable from
+here, e.g. ``class_path: fedrl_lightning.aggregation.FedAdam`` in YAML.
+"""
+
+from fedrl_lightning.aggregation.base import (
+    Aggregator,
+    ClientUpdate,
+    LoraMode,
+    WeightedAggregator,
+    Weighting,
+    check_choice,
+    check_same_keys,
+    client_weights,
+    sample_weights,
+    weighted_average,
+)
+from fedrl_lightning.aggregation.fedavg import FedAvg, FedProx, TaskAwareFedAvg, proximal_term
+from fedrl_lightning.aggregation.lora import average_states, lora_pairs, product_average
+from fedrl_lightning.aggregation.robust import FedMedian, Krum, TrimmedMean
+from fedrl_lightning.aggregation.server_opt import (
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedOpt,
+    FedYogi,
+    Scaffold,
+    ServerOptimizer,
+    scaffold_correction,
+    scaffold_new_client_c,
+)
+
+__all__ = [
+    "Aggregator",
+    "ClientUpdate",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedOpt",
+    "FedProx",
+    "FedYogi",
+    "Krum",
+    "LoraMode",
+    "Scaffold",
+    "ServerOptimizer",
+    "TaskAwareFedAvg",
+    "TrimmedMean",
+    "WeightedAggregator",
+    "Weighting",
+    "average_states",
+    "check_choice",
+    "check_same_keys",
+    "client_weights",
+    "lora_pairs",
+    "product_average",
+    "proximal_term",
+    "sample_weights",
+    "scaffold_correction",
+    "scaffold_new_client_c",
+    "weighted_average",
+]

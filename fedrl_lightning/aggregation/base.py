@@ -1,0 +1,146 @@
+"""What every aggregator shares: the client update, the base classes, client weights and the float64 weighted mean.
+
+Arithmetic is done in float64 on CPU; results keep the dtype of the input tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Weighting = Literal["prompts", "tokens", "uniform"]
+LoraMode = Literal["separate", "product"]
+_WEIGHTINGS = ("prompts", "tokens", "uniform")
+_LORA_MODES = ("separate", "product")
+_F64 = torch.float64
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns after its local round.
+
+    Attributes:
+        client_id: who sent it.
+        state: the client's adapter after local training (as received through the channel); not a delta.
+        num_samples: prompts trained on this round.
+        num_tokens: completion tokens trained on this round.
+        metrics: scalar training metrics of the round.
+        weight: aggregation weight set by a callback (e.g. adaptive aggregation); None = the aggregator decides.
+        extra: non-scalar side information for the server: ``scaffold_delta_c`` (dict of tensors, see ``Scaffold``),
+            ``task`` (str) and ``accuracy`` (float, see ``TaskAwareFedAvg``).
+    """
+
+    client_id: int
+    state: dict[str, Tensor]
+    num_samples: int
+    num_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    weight: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def sample_weights(updates: Sequence[ClientUpdate], weighting: Weighting) -> list[float]:
+    """The aggregator's own weights: prompts trained, tokens trained, or 1 per client (callback weights ignored)."""
+    check_choice("weighting", weighting, _WEIGHTINGS)
+    if weighting == "prompts":
+        return [float(u.num_samples) for u in updates]
+    if weighting == "tokens":
+        return [float(u.num_tokens) for u in updates]
+    return [1.0] * len(updates)
+
+
+def client_weights(updates: Sequence[ClientUpdate], weighting: Weighting) -> list[float]:
+    """Callback weights (``ClientUpdate.weight``) when every update has one, else ``sample_weights``."""
+    if updates and all(u.weight is not None for u in updates):
+        return [float(u.weight) for u in updates]
+    return sample_weights(updates, weighting)
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    weights = [float(w) for w in weights]
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"aggregation weights must be finite and >= 0, got {weights}")
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"aggregation weights must sum to > 0, got {weights}")
+    return [w / total for w in weights]
+
+
+def check_same_keys(states: Sequence[Mapping[str, Tensor]], what: str = "client states") -> None:
+    """Raise a ValueError naming the differing keys unless every state has the keys of the first."""
+    ref = set(states[0])
+    for i, state in enumerate(states[1:], 1):
+        if set(state) != ref:
+            diff = sorted(ref.symmetric_difference(state))
+            raise ValueError(f"{what} 0 and {i} have different keys: {diff[:5]}{' ...' if len(diff) > 5 else ''}")
+
+
+def _mean64(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    if not states:
+        raise ValueError("nothing to average")
+    p = _normalised(weights)
+    check_same_keys(states)
+    out = {}
+    for name, ref in states[0].items():
+        acc = torch.zeros(ref.shape, dtype=_F64)
+        for state, w in zip(states, p):
+            acc += state[name].detach().to("cpu", _F64) * w
+        out[name] = acc
+    return out
+
+
+def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Sum_i w_i * state_i / sum_i w_i, tensor by tensor, accumulated in float64."""
+    return {k: v.to(states[0][k].dtype) for k, v in _mean64(states, weights).items()}
+
+
+# -------------------------------------------------------------------------------------------------- base classes
+
+
+class Aggregator:
+    """Base of the server aggregators: turn the clients' updates into the next global adapter."""
+
+    def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What must survive a restart (server optimizer moments, control variates, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class WeightedAggregator(Aggregator):
+    """Base of the aggregators that take a weighted mean of the clients' adapters (FedAvg and the server optimizers).
+
+    Args:
+        weighting: weight each client by its ``prompts`` trained this round, ``tokens``, or ``uniform``. A weight set
+            on the update by a callback (``ClientUpdate.weight``, on every update of the round) takes precedence.
+        lora_mode: ``separate`` averages LoRA A and B independently; ``product`` averages the products B_i A_i per
+            module and re-factorises the mean to rank r (see ``product_average``).
+    """
+
+    def __init__(self, weighting: Weighting = "prompts", lora_mode: LoraMode = "separate") -> None:
+        check_choice("weighting", weighting, _WEIGHTINGS)
+        check_choice("lora_mode", lora_mode, _LORA_MODES)
+        self.weighting = weighting
+        self.lora_mode = lora_mode
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        """The clients' aggregation weights (not normalised): callback weights, else ``weighting``."""
+        return client_weights(updates, self.weighting)
