@@ -1,4 +1,4 @@
-"""Callbacks decide *when*; the *how* lives in rollout/, aggregation.py and modules/.
+"""Callbacks decide *when*; the *how* lives in rollout/, aggregation/ and modules/.
 
 A callback is any object with some of the hook methods below. The trainer fires them with
 ``fabric.call(hook, **kwargs)``, which passes each method only the keyword arguments it declares, so a callback
