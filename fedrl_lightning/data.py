@@ -97,6 +97,7 @@ class FederatedData(lightning.LightningDataModule):
         answer_column: str = "answer",
         task_column: str | None = None,
         eval_fraction: float = 0.1,
+        client_columns: dict[int, dict[str, Any]] | None = None,
     ) -> None:
         """Configure the federated data.
 
@@ -121,6 +122,8 @@ class FederatedData(lightning.LightningDataModule):
             answer_column: Column holding the reference answer.
             task_column: Column naming each row's task family; needed by by_task/dirichlet on a single file.
             eval_fraction: Fraction of each client's file rows held out for eval (data_files only).
+            client_columns: Extra columns added to every row of a client, e.g. {0: {"reward_scale": 10.0}}; reward
+                functions receive them as keyword arguments, so clients can define their rewards differently.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -145,6 +148,11 @@ class FederatedData(lightning.LightningDataModule):
         self.task_kwargs = {k: dict(v) for k, v in (task_kwargs or {}).items()}
         self.data_files = [str(f) for f in data_files] if data_files is not None else None
         self._cache: dict[int, tuple[list[Example], list[Example]]] = {}
+        self.client_columns = {int(k): dict(v) for k, v in (client_columns or {}).items()}
+        for cid, columns in self.client_columns.items():
+            _check(0 <= cid < num_clients, f"client_columns has an entry for client {cid}, not in [0, {num_clients})")
+            reserved = sorted(set(columns) & set(_RESERVED))
+            _check(not reserved, f"client_columns[{cid}] must not set the reserved columns {reserved}")
         if self.data_files is not None:
             self._validate_files()
         else:
@@ -239,9 +247,12 @@ class FederatedData(lightning.LightningDataModule):
             raise ValueError(f"client_id must be in [0, {self._num_clients}), got {client_id}")
         if client_id not in self._cache:
             if self.data_files is None:
-                self._cache[client_id] = self._build_rg_client(client_id)
+                built = {client_id: self._build_rg_client(client_id)}
             else:  # file partitions are computed jointly, so build all clients at once
-                self._cache.update(self._build_file_clients())
+                built = self._build_file_clients()
+            for cid, (train, evals) in built.items():
+                columns = self.client_columns.get(cid, {})
+                self._cache[cid] = ([{**ex, **columns} for ex in train], [{**ex, **columns} for ex in evals])
         return self._cache[client_id]
 
     def _task_counts(self, client_id: int) -> tuple[dict[str, int], dict[str, int]]:

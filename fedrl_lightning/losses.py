@@ -6,6 +6,7 @@ micro-batch, T completion tokens, V vocabulary. Masks are (B, T) {0, 1} tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -16,6 +17,7 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+IS_MODES: tuple[str, ...] = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate")
 
 
 def weighted_reward_sum(rewards_per_func: Tensor, weights: Tensor) -> Tensor:
@@ -396,3 +398,47 @@ def clipped_value_loss(
     """
     clipped = torch.clamp(values, old_values - clip_range, old_values + clip_range)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+@torch.no_grad()
+def importance_sampling_weights(
+    old_log_probs: Tensor,
+    sampling_log_probs: Tensor,
+    mask: Tensor,
+    mode: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"] = "sequence_mask",
+    cap: float = 3.0,
+    cap_min: float | None = None,
+) -> Tensor:
+    """Weights that correct for sampling with vLLM's numerics instead of the trainer's (no gradient).
+
+    With ``d = mask * (old_log_probs - sampling_log_probs)`` per token:
+
+    * ``token_truncate``: ``clip(exp(d), cap_min, cap)``;
+    * ``token_mask``: ``exp(d)`` where ``cap_min <= exp(d) <= cap``, else 0;
+    * ``sequence_truncate``: ``clip(exp(sum_t d), cap_min, cap)`` (the product of the token ratios);
+    * ``sequence_mask`` (default): ``exp(sum_t d)`` where within ``[cap_min, cap]``, else 0.
+
+    Args:
+        old_log_probs: (N, C) trainer log-probs of the sampled tokens before the update.
+        sampling_log_probs: (N, C) the sampler's log-probs of the same tokens.
+        mask: (N, C) 1 for completion tokens (padding contributes nothing).
+        mode: one of ``IS_MODES``.
+        cap: upper bound C_max.
+        cap_min: lower bound C_min; None = no lower bound.
+
+    Returns:
+        (N, C) for token modes (1 at masked positions), (N, 1) for sequence modes; multiply into the per-token loss.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"mode must be one of {IS_MODES}, got {mode!r}")
+    if cap <= 0 or (cap_min is not None and not 0 <= cap_min <= cap):
+        raise ValueError(f"need 0 <= cap_min <= cap and cap > 0, got cap_min={cap_min}, cap={cap}")
+    d = (old_log_probs.float() - sampling_log_probs.float()) * mask.float()
+    if mode.startswith("sequence"):
+        d = d.sum(dim=1, keepdim=True)
+    hi = math.log(cap)
+    lo = math.log(cap_min) if cap_min else -math.inf
+    if mode.endswith("truncate"):
+        return d.clamp(min=lo, max=hi).exp()
+    keep = (d <= hi) & (d >= lo)
+    return torch.where(keep, d.exp(), torch.zeros_like(d))

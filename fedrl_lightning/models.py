@@ -141,11 +141,42 @@ def tiny_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2) -> 
     )
 
 
+_ATTN_LOGGED = False
+
+
+def select_attn_implementation(requested: str | None = "auto") -> str | None:
+    """The ``attn_implementation`` to load the policy with.
+
+    ``auto``: ``flash_attention_2`` where CUDA is available and ``flash_attn`` imports, else ``sdpa`` (logged once).
+    ``flash_attention_2`` explicitly: the same check, but an error instead of a fallback. Anything else (``sdpa``,
+    ``eager``, None = transformers' default) is returned unchanged.
+    """
+    global _ATTN_LOGGED
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "CUDA is not available"
+    else:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+            reason = f"flash_attn does not import ({type(err).__name__}: {err})"
+    if reason is None:
+        return "flash_attention_2"
+    if requested == "flash_attention_2":
+        raise RuntimeError(f"attn_implementation='flash_attention_2' was requested but {reason}")
+    if not _ATTN_LOGGED:
+        log.info("flash-attn unavailable (%s): using sdpa attention", reason)
+        _ATTN_LOGGED = True
+    return "sdpa"
+
+
 def load_causal_lm(
     name: str = EMBEDDED,
     cache_dir: str | Path | None = None,
     dtype: str = "float32",
-    attn_implementation: str | None = None,
+    attn_implementation: str | None = "auto",
     seed: int = 0,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer.
@@ -156,11 +187,13 @@ def load_causal_lm(
         cache_dir: where the embedded model is cached as safetensors (default ``$FEDRL_CACHE_DIR`` or
             ``~/.cache/fedrl_lightning``).
         dtype: parameter dtype, e.g. ``float32`` (best on CPU) or ``bfloat16``.
-        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``); None = default.
+        attn_implementation: ``auto`` (flash-attn 2 where CUDA and ``flash_attn`` are present, else sdpa), or passed
+            to transformers as is (``sdpa``, ``eager``, ``flash_attention_2``); None = transformers' default.
         seed: initialisation seed of the tiny random model.
     """
     tokenizer = load_tokenizer(name, cache_dir)
     torch_dtype = getattr(torch, dtype)
+    attn_implementation = select_attn_implementation(attn_implementation)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if name == TINY:
         with torch.random.fork_rng():

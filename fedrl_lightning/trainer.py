@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from rich.progress import Progress
 from fedrl_lightning import checkpoint, reporting
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
-from fedrl_lightning.client import ClientState, evaluate, run_round
+from fedrl_lightning.client import ClientState, evaluate, run_round, trainable_params
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.errors import StopFederation
@@ -242,6 +243,13 @@ class FederatedTrainer:
             start_adapter = state.adapter if state.adapter is not None else self._initial_adapter
         module.load_trainable_state(start_adapter)
         self.optimizer.load_state_dict(state.optimizer or self._fresh_optimizer)
+        module.load_client_state(copy.deepcopy(state.extra.get("module", {})))
+        client_extra = copy.deepcopy(state.extra)  # committed only if the round succeeds
+        objective = None
+        if self.aggregation is not None:
+            objective = self.aggregation.local_objective(self.global_state, client_extra)
+        if objective is not None and objective.down:
+            objective.down = self.comm.send_down(r, cid, objective.down)
         torch.set_rng_state(state.rng)
         sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
         sampler.load_state_dict(state.sampler)
@@ -254,8 +262,9 @@ class FederatedTrainer:
 
         examples = self.data.train_examples(cid)
         prompts, tokens, metrics = run_round(
-            self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step
+            self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step, objective
         )
+        extra = objective.finish(trainable_params(module)) if objective is not None else {}
         adapter = module.trainable_state()
         if self.max_update_norm is not None:
             norm = sum(float((adapter[k] - v).double().square().sum()) for k, v in start_adapter.items()) ** 0.5
@@ -265,11 +274,18 @@ class FederatedTrainer:
                 raise ClientFault(f"update norm {norm:.3g} exceeds max_update_norm={self.max_update_norm}")
         if self.aggregation is not None:
             adapter = self.comm.send_up(r, cid, adapter)  # rejects NaN/Inf
+            extra = {k: self.comm.send_up(r, cid, v) if isinstance(v, dict) else v for k, v in extra.items()}
+        # Scalars a task-aware server may use: the client's task family and its accuracy on this round's rollouts.
+        extra.setdefault("task", Counter(ex.get("task", "default") for ex in examples).most_common(1)[0][0])
+        if "accuracy" in metrics:
+            extra.setdefault("accuracy", metrics["accuracy"])
         state.optimizer = copy.deepcopy(self.optimizer.state_dict())
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()
+        client_extra["module"] = module.client_state()
+        state.extra = client_extra
         if self.aggregation is None:
             state.adapter = adapter
-        return ClientUpdate(cid, adapter, prompts, tokens, metrics)
+        return ClientUpdate(cid, adapter, prompts, tokens, metrics, extra=extra)
 
     def _evaluate(self, r: int) -> dict[str, float]:
         """Each client's held-out accuracy and reward under the adapter it would deploy (global, or its own)."""

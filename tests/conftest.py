@@ -14,7 +14,7 @@ def length_reward(prompts, completions, **kwargs) -> list[float]:
     return [float(len(c[0]["content"]) % 7) for c in completions]
 
 
-def make_module(**overrides) -> GRPOModule:
+def make_module(module_class: type[GRPOModule] = GRPOModule, **overrides) -> GRPOModule:
     kwargs = dict(
         model="tiny-random",
         lora_r=4,
@@ -28,7 +28,7 @@ def make_module(**overrides) -> GRPOModule:
         seed=0,
     )
     kwargs.update(overrides)
-    return GRPOModule(**kwargs)
+    return module_class(**kwargs)
 
 
 def make_data(**overrides) -> FederatedData:

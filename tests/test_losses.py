@@ -14,6 +14,7 @@ from fedrl_lightning.losses import (
     gae,
     group_advantages,
     grpo_per_token_loss,
+    importance_sampling_weights,
     k3_kl,
     mask_truncated,
     masked_mean,
@@ -331,3 +332,42 @@ def test_clipped_value_loss_at_clip_boundary():
     close(values.grad[0, 0], 0.0)
     close(values.grad[0, 2], -0.5)
     close(values.grad[0, 3], 0.0)
+
+
+# -- importance-sampling weights, by hand -----------------------------------------------------
+
+
+def _is_inputs():
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    sampled = torch.tensor([[-1.5, -1.0, -9.0], [-3.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # d = mask * (old - sampled): row 0 -> [0.5, -1.0, 0 (masked)], row 1 -> [2.0, 0, 0]
+    return old, sampled, mask
+
+
+def test_importance_sampling_token_modes_by_hand():
+    old, sampled, mask = _is_inputs()
+    e = torch.exp
+    w = importance_sampling_weights(old, sampled, mask, mode="token_truncate", cap=3.0)
+    expected = torch.stack([e(torch.tensor([0.5, -1.0, 0.0])), torch.tensor([3.0, 1.0, 1.0])])  # e^2 = 7.39 -> 3
+    torch.testing.assert_close(w, expected)
+    w = importance_sampling_weights(old, sampled, mask, mode="token_mask", cap=3.0)
+    expected = torch.stack([e(torch.tensor([0.5, -1.0, 0.0])), torch.tensor([0.0, 1.0, 1.0])])  # e^2 > 3 -> 0
+    torch.testing.assert_close(w, expected)
+    w = importance_sampling_weights(old, sampled, mask, mode="token_mask", cap=3.0, cap_min=0.5)
+    expected = torch.tensor([[e(torch.tensor(0.5)), 0.0, 1.0], [0.0, 1.0, 1.0]])  # e^-1 = 0.37 < 0.5 -> 0
+    torch.testing.assert_close(w, expected)
+
+
+def test_importance_sampling_sequence_modes_by_hand():
+    old, sampled, mask = _is_inputs()
+    # sums of d: row 0 -> 0.5 - 1.0 = -0.5 (weight 0.607), row 1 -> 2.0 (weight 7.39 > cap)
+    w = importance_sampling_weights(old, sampled, mask, mode="sequence_truncate", cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[torch.exp(torch.tensor(-0.5))], [3.0]]))
+    w = importance_sampling_weights(old, sampled, mask, mode="sequence_mask", cap=3.0)
+    torch.testing.assert_close(w, torch.tensor([[torch.exp(torch.tensor(-0.5))], [0.0]]))
+    w = importance_sampling_weights(old, sampled, mask, mode="sequence_truncate", cap=10.0, cap_min=0.7)
+    torch.testing.assert_close(w, torch.tensor([[0.7], [torch.exp(torch.tensor(2.0))]]))
+    assert importance_sampling_weights(old, old, mask).eq(1).all()  # on-policy: every weight is 1
+    with pytest.raises(ValueError, match="mode"):
+        importance_sampling_weights(old, sampled, mask, mode="tokens")

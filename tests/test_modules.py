@@ -96,3 +96,28 @@ def test_num_iterations_caches_old_log_probs_and_beta_adds_reference():
     assert [len(m.rollout) for m in micro] == [3, 3, 2] and all(m.num_micro_batches == 3 for m in micro)
     plain = make_module()
     assert plain.make_batch(rollout, rewards).old_log_probs is None
+
+
+def test_sampler_log_probs_weight_the_loss_by_the_capped_importance_ratio():
+    module = make_module(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_cap=10.0)
+    rollout = HFRollout().generate(module, [p["prompt"] for p in PROMPTS], module.sampling)
+    batch = module.make_batch(rollout, module.score(rollout, PROMPTS, module.num_generations))
+    batch.advantages = torch.ones(len(rollout))  # group advantages sum to zero; ones give a loss of exactly -1
+    plain = module.training_step(batch)
+    torch.testing.assert_close(plain, torch.tensor(-1.0))
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    with torch.no_grad():
+        trainer_lp = module.completion_log_probs(*args, temperature=module.sampling.temperature)[0]
+    # a sampler that put 0.5 nats more on every sampled token: each token's weight is e^-0.5
+    rollout.sampling_log_probs = (trainer_lp + 0.5) * rollout.completion_mask
+    corrected = module.training_step(batch)
+    torch.testing.assert_close(corrected, plain * torch.exp(torch.tensor(-0.5)), rtol=1e-4, atol=1e-6)
+    metrics = module.tracker.compute_and_reset()
+    assert abs(metrics["sampling/sampling_logp_difference/mean"] - 0.5) < 1e-4
+    assert abs(metrics["sampling/importance_sampling_ratio/max"] - float(torch.exp(torch.tensor(-0.5)))) < 1e-4
+    # above the cap, sequence_mask drops the whole sequence
+    module.is_mode, module.is_cap = "sequence_mask", 1.01
+    rollout.sampling_log_probs = (trainer_lp - 0.5) * rollout.completion_mask  # ratios e^(0.5 * length) > cap
+    assert module.training_step(batch).item() == 0.0
+    module.is_correction = False
+    torch.testing.assert_close(module.training_step(batch), plain)

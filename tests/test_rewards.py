@@ -286,3 +286,25 @@ def test_reward_func_name() -> None:
     assert reward_func_name(accuracy_reward) == "accuracy_reward"
     assert reward_func_name(functools.partial(qa_reward, answer=["x"])) == "qa_reward"
     assert reward_func_name(CallableReward()) == "CallableReward"
+
+
+def test_scaled_reward_multiplies_by_each_rows_scale_column():
+    from fedrl_lightning.data import FederatedData
+    from fedrl_lightning.rewards import ScaledReward, reward_func_name
+
+    def base(prompts, completions, **kw):
+        return [1.0, None, 0.5]
+
+    scaled = ScaledReward(base)
+    assert reward_func_name(scaled) == "scaled_base"
+    assert scaled([None] * 3, ["a", "b", "c"], reward_scale=[10.0, 10.0, None]) == [10.0, None, 0.5]
+    assert scaled([None] * 3, ["a", "b", "c"]) == [1.0, None, 0.5]  # no column: unscaled
+    data = FederatedData(
+        tasks=["basic_arithmetic"], num_clients=2, train_size=2, eval_size=1, client_columns={1: {"reward_scale": 10.0}}
+    )
+    assert all(ex["reward_scale"] == 10.0 for ex in data.train_examples(1) + data.eval_examples(1))
+    assert all("reward_scale" not in ex for ex in data.train_examples(0))
+    with pytest.raises(ValueError, match="client_columns"):
+        FederatedData(tasks=["basic_arithmetic"], num_clients=2, client_columns={2: {"reward_scale": 1.0}})
+    with pytest.raises(ValueError, match="reserved"):
+        FederatedData(tasks=["basic_arithmetic"], num_clients=2, client_columns={0: {"answer": "x"}})

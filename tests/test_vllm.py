@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 import os
 import socket
 import subprocess
@@ -32,12 +31,8 @@ from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
 from fedrl_lightning.client import local_step
 from fedrl_lightning.rollout.hf import HFRollout, encode_prompts
-from fedrl_lightning.rollout.vllm import (
-    VLLMRollout,
-    VLLMServerRollout,
-    importance_sampling_weights,
-    select_attn_implementation,
-)
+from fedrl_lightning.rollout.vllm import VLLMRollout
+from fedrl_lightning.rollout.vllm_server import VLLMServerRollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 SKIP_REASON = "vLLM is not installed (pip install -e '.[vllm]')"
@@ -54,81 +49,6 @@ PROMPTS = [
     [{"role": "user", "content": "Spell 'cat' backwards."}],
     "A plain-text prompt",
 ]
-
-
-# -- importance-sampling weights, by hand (no vLLM needed) -----------------------------------------------------
-
-
-def _is_inputs():
-    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
-    sampled = torch.tensor([[-1.5, -1.0, -9.0], [-3.0, -1.0, -1.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    # d = mask * (old - sampled): row 0 -> [0.5, -1.0, 0 (masked)], row 1 -> [2.0, 0, 0]
-    return old, sampled, mask
-
-
-def test_importance_sampling_token_modes_by_hand():
-    old, sampled, mask = _is_inputs()
-    e = torch.exp
-    w = importance_sampling_weights(old, sampled, mask, mode="token_truncate", cap=3.0)
-    expected = torch.stack([e(torch.tensor([0.5, -1.0, 0.0])), torch.tensor([3.0, 1.0, 1.0])])  # e^2 = 7.39 -> 3
-    torch.testing.assert_close(w, expected)
-    w = importance_sampling_weights(old, sampled, mask, mode="token_mask", cap=3.0)
-    expected = torch.stack([e(torch.tensor([0.5, -1.0, 0.0])), torch.tensor([0.0, 1.0, 1.0])])  # e^2 > 3 -> 0
-    torch.testing.assert_close(w, expected)
-    w = importance_sampling_weights(old, sampled, mask, mode="token_mask", cap=3.0, cap_min=0.5)
-    expected = torch.tensor([[e(torch.tensor(0.5)), 0.0, 1.0], [0.0, 1.0, 1.0]])  # e^-1 = 0.37 < 0.5 -> 0
-    torch.testing.assert_close(w, expected)
-
-
-def test_importance_sampling_sequence_modes_by_hand():
-    old, sampled, mask = _is_inputs()
-    # sums of d: row 0 -> 0.5 - 1.0 = -0.5 (weight 0.607), row 1 -> 2.0 (weight 7.39 > cap)
-    w = importance_sampling_weights(old, sampled, mask, mode="sequence_truncate", cap=3.0)
-    torch.testing.assert_close(w, torch.tensor([[torch.exp(torch.tensor(-0.5))], [3.0]]))
-    w = importance_sampling_weights(old, sampled, mask, mode="sequence_mask", cap=3.0)
-    torch.testing.assert_close(w, torch.tensor([[torch.exp(torch.tensor(-0.5))], [0.0]]))
-    w = importance_sampling_weights(old, sampled, mask, mode="sequence_truncate", cap=10.0, cap_min=0.7)
-    torch.testing.assert_close(w, torch.tensor([[0.7], [torch.exp(torch.tensor(2.0))]]))
-    assert importance_sampling_weights(old, old, mask).eq(1).all()  # on-policy: every weight is 1
-    with pytest.raises(ValueError, match="mode"):
-        importance_sampling_weights(old, sampled, mask, mode="tokens")
-
-
-# -- flash-attn switch ------------------------------------------------------------------------------------------
-
-
-def test_attn_implementation_falls_back_to_sdpa_with_one_log_line(monkeypatch, caplog):
-    import fedrl_lightning.rollout.vllm as vllm_mod
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(vllm_mod, "_ATTN_LOGGED", False)
-    with caplog.at_level(logging.INFO, logger="fedrl_lightning.rollout.vllm"):
-        assert select_attn_implementation("auto") == "sdpa"
-        assert select_attn_implementation() == "sdpa"
-    assert sum("using sdpa" in r.getMessage() for r in caplog.records) == 1
-    assert select_attn_implementation("eager") == "eager" and select_attn_implementation(None) is None
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        select_attn_implementation("flash_attention_2")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None, reason="needs CUDA + flash_attn"
-)
-def test_flash_attention_2_selected_and_loads_on_cuda():
-    from transformers import AutoModelForCausalLM
-
-    from fedrl_lightning.models import load_tokenizer, tiny_config
-
-    assert select_attn_implementation("auto") == "flash_attention_2"
-    tokenizer = load_tokenizer("tiny-random")
-    model = AutoModelForCausalLM.from_config(
-        tiny_config(len(tokenizer)), dtype=torch.bfloat16, attn_implementation="flash_attention_2"
-    ).cuda()
-    assert model.config._attn_implementation == "flash_attention_2"
-    ids = torch.randint(0, len(tokenizer), (2, 8), device="cuda")
-    assert model(input_ids=ids).logits.shape == (2, 8, len(tokenizer))
 
 
 # -- real vLLM on CPU -------------------------------------------------------------------------------------------

@@ -7,15 +7,17 @@ state (momentum, moments, control variates) is kept in float64 and never updated
 Notation (``research/fed_anchors.md`` §6): global adapter x, client i returns y_i, delta Δ_i = y_i - x, normalised
 weights p_i, pseudo-gradient Δ̄ = Σ p_i Δ_i.
 
-Modules: ``base`` (``ClientUpdate``, the base classes, client weights, ``weighted_average``), ``lora`` (LoRA factor
-pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg), ``server_opt`` (FedAvgM, FedAdagrad,
-FedAdam, FedYogi, SCAFFOLD) and ``robust`` (FedMedian, TrimmedMean, Krum). Every public name is importable from
-here, e.g. ``class_path: fedrl_lightning.aggregation.FedAdam`` in YAML.
+Modules: ``base`` (``ClientUpdate``, ``LocalObjective``, the base classes, client weights, ``weighted_average``),
+``lora`` (LoRA factor pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg), ``server_opt``
+(FedAvgM, FedAdagrad, FedAdam, FedYogi), ``scaffold`` (SCAFFOLD, server and client side) and ``robust``
+(FedMedian, TrimmedMean, Krum). Every public name is importable from here, e.g.
+``class_path: fedrl_lightning.aggregation.FedAdam`` in YAML.
 """
 
 from fedrl_lightning.aggregation.base import (
     Aggregator,
     ClientUpdate,
+    LocalObjective,
     LoraMode,
     WeightedAggregator,
     Weighting,
@@ -25,24 +27,30 @@ from fedrl_lightning.aggregation.base import (
     sample_weights,
     weighted_average,
 )
-from fedrl_lightning.aggregation.fedavg import FedAvg, FedProx, TaskAwareFedAvg, proximal_term
+from fedrl_lightning.aggregation.fedavg import FedAvg, FedProx, ProximalObjective, TaskAwareFedAvg, proximal_term
 from fedrl_lightning.aggregation.lora import average_states, lora_pairs, product_average
 from fedrl_lightning.aggregation.robust import FedMedian, Krum, TrimmedMean
+from fedrl_lightning.aggregation.scaffold import (
+    Scaffold,
+    ScaffoldObjective,
+    scaffold_correction,
+    scaffold_new_client_c,
+)
 from fedrl_lightning.aggregation.server_opt import (
     FedAdagrad,
     FedAdam,
     FedAvgM,
     FedOpt,
     FedYogi,
-    Scaffold,
     ServerOptimizer,
-    scaffold_correction,
-    scaffold_new_client_c,
 )
 
 __all__ = [
     "Aggregator",
     "ClientUpdate",
+    "LocalObjective",
+    "ProximalObjective",
+    "ScaffoldObjective",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

@@ -111,8 +111,36 @@ def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[floa
 # -------------------------------------------------------------------------------------------------- base classes
 
 
+class LocalObjective:
+    """What an aggregator asks of each client during its round (FedProx's pull, SCAFFOLD's correction).
+
+    The trainer builds one per client and round (``Aggregator.local_objective``), sends ``down`` through the channel,
+    calls ``on_gradients`` once per optimizer step (after the backward passes, before clipping), and after the
+    round puts ``finish``'s result into ``ClientUpdate.extra`` (tensor dicts travel up through the channel).
+    """
+
+    down: dict[str, Tensor] = {}
+    """Tensors the server sends with the global adapter (e.g. SCAFFOLD's c); empty = nothing extra."""
+
+    def on_gradients(self, params: Mapping[str, Tensor], lr: float) -> None:
+        """Adjust ``param.grad`` in place; ``params`` are the trainable parameters by ``trainable_state`` name and
+        ``lr`` the learning rate of the step about to be taken."""
+
+    def finish(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
+        """After the last step: what the client sends up besides its adapter (and its private state updates)."""
+        return {}
+
+
 class Aggregator:
     """Base of the server aggregators: turn the clients' updates into the next global adapter."""
+
+    def local_objective(self, global_state: dict[str, Tensor], client_extra: dict[str, Any]) -> LocalObjective | None:
+        """The client-side part of the algorithm for one client's round; None = plain local training.
+
+        ``client_extra`` is the client's private, persistent algorithm state (``ClientState.extra``), which the
+        objective may update in ``finish``.
+        """
+        return None
 
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from fedrl_lightning.aggregation.base import (
     ClientUpdate,
+    LocalObjective,
     LoraMode,
     WeightedAggregator,
     Weighting,
@@ -77,6 +78,29 @@ class FedProx(FedAvg):
     def proximal_term(self, params: Mapping[str, Tensor], global_state: Mapping[str, Tensor]) -> Tensor:
         """(μ/2) Σ ||w - w_global||² (see the module-level ``proximal_term``)."""
         return proximal_term(params, global_state, self.mu)
+
+    def local_objective(self, global_state: dict[str, Tensor], client_extra: dict[str, Any]) -> LocalObjective | None:
+        return ProximalObjective(global_state, self.mu) if self.mu > 0 else None
+
+
+class ProximalObjective(LocalObjective):
+    """FedProx on the client: adds μ (w - x_global), the gradient of (μ/2)||w - x_global||², to every gradient.
+
+    Adding it to the gradients once per optimizer step equals adding the proximal term to the step's loss (whatever
+    the micro-batching) without a second graph.
+    """
+
+    def __init__(self, anchor: Mapping[str, Tensor], mu: float) -> None:
+        self.anchor, self.mu = anchor, mu
+        self._on_device: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def on_gradients(self, params: Mapping[str, Tensor], lr: float) -> None:
+        for name, p in params.items():
+            if name not in self._on_device:
+                self._on_device[name] = self.anchor[name].to(p.device, p.dtype)
+            pull = self.mu * (p - self._on_device[name])
+            p.grad = pull if p.grad is None else p.grad.add_(pull)
 
 
 class TaskAwareFedAvg(FedAvg):

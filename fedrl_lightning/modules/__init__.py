@@ -1,6 +1,7 @@
 """The LightningModules: the policy and the RL algorithms built on it."""
 
+from fedrl_lightning.modules.fedmoa import FedMOAModule
 from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
 from fedrl_lightning.modules.policy import PolicyModule
 
-__all__ = ["GRPOBatch", "GRPOModule", "PolicyModule"]
+__all__ = ["FedMOAModule", "GRPOBatch", "GRPOModule", "PolicyModule"]

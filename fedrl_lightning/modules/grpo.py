@@ -19,6 +19,7 @@ from fedrl_lightning.losses import (
     clip_ratio_stats,
     group_advantages,
     grpo_per_token_loss,
+    importance_sampling_weights,
     mask_truncated,
     masked_mean,
     weighted_reward_sum,
@@ -42,6 +43,7 @@ class GRPOBatch:
         ref_log_probs: (N, C) reference (adapter disabled) log-probs when ``beta > 0``, else None.
         num_items_in_batch: active tokens of the whole batch (the DAPO normaliser).
         num_micro_batches: how many micro-batches make one optimizer step.
+        objective_advantages: (N, K) per-objective advantages for multi-objective algorithms (FedMOA), else None.
     """
 
     rollout: Rollout
@@ -51,6 +53,7 @@ class GRPOBatch:
     ref_log_probs: Tensor | None
     num_items_in_batch: float
     num_micro_batches: int = 1
+    objective_advantages: Tensor | None = None
 
     def micro_batches(self, size: int) -> list[GRPOBatch]:
         n = len(self.rollout)
@@ -66,6 +69,7 @@ class GRPOBatch:
                     mask=self.mask[idx],
                     old_log_probs=None if self.old_log_probs is None else self.old_log_probs[idx],
                     ref_log_probs=None if self.ref_log_probs is None else self.ref_log_probs[idx],
+                    objective_advantages=None if self.objective_advantages is None else self.objective_advantages[idx],
                     num_micro_batches=len(starts),
                 )
             )
@@ -97,6 +101,11 @@ class GRPOModule(PolicyModule):
         num_iterations: optimizer passes over each generated batch (old log-probs are cached when > 1).
         mask_truncated_completions: exclude completions that hit ``max_completion_length`` from the loss.
         log_entropy: compute the mean token entropy metric (costs one pass over the completion logits).
+        vllm_importance_sampling_correction: when the rollout carries the sampler's log-probs (vLLM), weight each
+            token's loss by the capped ratio trainer / sampler probability (TRL's truncated importance sampling).
+        vllm_importance_sampling_mode: ``sequence_mask``, ``sequence_truncate``, ``token_mask`` or ``token_truncate``
+            (see ``losses.importance_sampling_weights``).
+        vllm_importance_sampling_cap: upper bound of that ratio.
         **kwargs: the policy's arguments (``model``, ``lora_r``, ``learning_rate``, ...), see ``PolicyModule``.
     """
 
@@ -121,6 +130,11 @@ class GRPOModule(PolicyModule):
         num_iterations: int = 1,
         mask_truncated_completions: bool = False,
         log_entropy: bool = True,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_mode: Literal[
+            "sequence_mask", "sequence_truncate", "token_mask", "token_truncate"
+        ] = "sequence_mask",
+        vllm_importance_sampling_cap: float = 3.0,
         **kwargs: Any,
     ) -> None:
         if num_generations < 2:
@@ -151,6 +165,11 @@ class GRPOModule(PolicyModule):
         self.epsilon, self.epsilon_high, self.delta, self.beta = epsilon, epsilon_high, delta, beta
         self.num_iterations, self.mask_truncated_completions = num_iterations, mask_truncated_completions
         self.log_entropy = log_entropy
+        self.is_correction, self.is_mode, self.is_cap = (
+            vllm_importance_sampling_correction,
+            vllm_importance_sampling_mode,
+            vllm_importance_sampling_cap,
+        )
 
     def eval_sampling(self) -> SamplingParams:
         """Greedy, one completion per prompt."""
@@ -169,6 +188,14 @@ class GRPOModule(PolicyModule):
             self.tracker.update(f"rewards/{name}/std", _nanstd(rewards[:, k]))
             if errors.get(name):
                 self.tracker.update(f"rewards/{name}/errors", errors[name])
+        # The round's rollout accuracy (a task-aware server weighs clients by it).
+        k = next((k for k, fn in enumerate(self.reward_funcs) if fn is self.accuracy_func), None)
+        correct = (
+            rewards[:, k]
+            if k is not None
+            else compute_rewards([self.accuracy_func], prompts, completions, columns)[0][:, 0]
+        )
+        self.tracker.update("accuracy", (correct.nan_to_num(0.0) >= 1.0).float().mean())
         return rewards
 
     def make_batch(self, rollout: Rollout, rewards_per_func: Tensor) -> GRPOBatch:
@@ -213,6 +240,14 @@ class GRPOModule(PolicyModule):
     # -- the loss of one micro-batch ---------------------------------------------------------------------------
 
     def training_step(self, batch: GRPOBatch, batch_idx: int = 0) -> Tensor:
+        log_probs, old = self.policy_log_probs(batch)
+        loss = self.policy_loss(batch, log_probs, old, batch.advantages)
+        # Scaled back so the logged value is the loss of the whole batch whatever the micro-batching.
+        self.tracker.update("loss", loss.detach() * batch.num_micro_batches)
+        return loss
+
+    def policy_log_probs(self, batch: GRPOBatch) -> tuple[Tensor, Tensor]:
+        """(log-probs with grad, old log-probs) of a micro-batch's completions, both (B, C); logs the entropy."""
         r = batch.rollout
         log_probs, entropy = self.completion_log_probs(
             r.prompt_ids,
@@ -222,17 +257,28 @@ class GRPOModule(PolicyModule):
             temperature=self.sampling.temperature,
             with_entropy=self.log_entropy,
         )
+        if entropy is not None:
+            self.tracker.update("entropy", masked_mean(entropy.detach(), batch.mask), float(batch.mask.sum()))
         old = batch.old_log_probs if batch.old_log_probs is not None else log_probs.detach()
+        return log_probs, old
+
+    def policy_loss(
+        self, batch: GRPOBatch, log_probs: Tensor, old: Tensor, advantages: Tensor, log: bool = True
+    ) -> Tensor:
+        """The clipped, KL-penalised, importance-corrected loss of a micro-batch for ``advantages`` (B,)."""
         per_token, ratio, kl = grpo_per_token_loss(
             log_probs,
             old,
-            batch.advantages,
+            advantages,
             ref_log_probs=batch.ref_log_probs,
             beta=self.beta,
             epsilon_low=self.epsilon,
             epsilon_high=self.epsilon_high,
             delta=self.delta,
         )
+        sampled = batch.rollout.sampling_log_probs
+        if self.is_correction and sampled is not None:
+            per_token = per_token * self._importance_weights(old, sampled, batch.mask, log)
         loss = aggregate_loss(
             per_token,
             batch.mask,
@@ -241,18 +287,30 @@ class GRPOModule(PolicyModule):
             num_items_in_batch=batch.num_items_in_batch,
             num_micro_batches=batch.num_micro_batches,
         )
-        with torch.no_grad():
-            weight = float(batch.mask.sum())
-            if kl is not None:
-                self.tracker.update("kl", masked_mean(kl, batch.mask), weight)
-            if entropy is not None:
-                self.tracker.update("entropy", masked_mean(entropy, batch.mask), weight)
-            stats = clip_ratio_stats(ratio, batch.advantages, batch.mask, self.epsilon, self.epsilon_high)
-            for name, value in stats.items():
-                self.tracker.update(f"clip_ratio/{name}", value, weight)
-            # Scaled back so the logged value is the loss of the whole batch whatever the micro-batching.
-            self.tracker.update("loss", loss * batch.num_micro_batches)
+        if log:
+            with torch.no_grad():
+                weight = float(batch.mask.sum())
+                if kl is not None:
+                    self.tracker.update("kl", masked_mean(kl, batch.mask), weight)
+                stats = clip_ratio_stats(ratio, advantages, batch.mask, self.epsilon, self.epsilon_high)
+                for name, value in stats.items():
+                    self.tracker.update(f"clip_ratio/{name}", value, weight)
         return loss
+
+    @torch.no_grad()
+    def _importance_weights(self, old: Tensor, sampled: Tensor, mask: Tensor, log: bool = True) -> Tensor:
+        """The capped trainer/sampler ratio of the sampled tokens, with TRL's ``sampling/*`` metrics."""
+        sampled = sampled.to(old.device)
+        weights = importance_sampling_weights(old, sampled, mask, self.is_mode, self.is_cap)
+        if not log:
+            return weights
+        weight = float(mask.sum())
+        t = self.tracker
+        t.update("sampling/sampling_logp_difference/mean", masked_mean((old - sampled).abs(), mask), weight)
+        t.update("sampling/importance_sampling_ratio/mean", weights.mean())
+        t.update("sampling/importance_sampling_ratio/min", weights.min())
+        t.update("sampling/importance_sampling_ratio/max", weights.max())
+        return weights
 
 
 def expand_columns(examples: list[dict[str, Any]], group_size: int) -> tuple[list[Any], dict[str, list[Any]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,6 +47,8 @@ class PolicyModule(L.LightningModule):
         cache_dir: cache of the embedded model's safetensors checkpoint; None = ``$FEDRL_CACHE_DIR`` or
             ``~/.cache/fedrl_lightning``.
         dtype: parameter dtype; ``float32`` is fastest on CPU.
+        attn_implementation: ``auto`` = ``flash_attention_2`` where CUDA and ``flash_attn`` are present, else ``sdpa``
+            (one log line says why); or any transformers value (``sdpa``, ``eager``, ``flash_attention_2``).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: dropout on the LoRA input.
@@ -63,6 +66,7 @@ class PolicyModule(L.LightningModule):
         model: str = EMBEDDED,
         cache_dir: str | None = None,
         dtype: str = "float32",
+        attn_implementation: str | None = "auto",
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
@@ -80,7 +84,9 @@ class PolicyModule(L.LightningModule):
         self.model_name, self.cache_dir = model, cache_dir
         self.learning_rate, self.weight_decay, self.adam_betas = learning_rate, weight_decay, tuple(adam_betas)
         self.max_grad_norm = max_grad_norm
-        base, self.tokenizer = load_causal_lm(model, cache_dir=cache_dir, dtype=dtype, seed=seed)
+        base, self.tokenizer = load_causal_lm(
+            model, cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, seed=seed
+        )
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
@@ -115,6 +121,17 @@ class PolicyModule(L.LightningModule):
             if state[name].shape != param.shape:
                 raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
             param.copy_(state[name])
+
+    def client_state(self) -> dict[str, Any]:
+        """Algorithm state private to the client being trained (kept per client, never aggregated); none here."""
+        return {}
+
+    def load_client_state(self, state: dict[str, Any]) -> None:
+        """Swap in a client's private algorithm state (``{}`` before its first round: start fresh)."""
+
+    def backward_step(self, fabric: Any, batch: Any) -> None:
+        """Loss and backward of one micro-batch (an algorithm with several objectives may backpropagate each)."""
+        fabric.backward(self.training_step(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -21,10 +21,12 @@ from fedrl_lightning.rewards.format import answer_tag_reward, format_reward, len
 from fedrl_lightning.rewards.math import accuracy_reward
 from fedrl_lightning.rewards.qa import qa_exact_match, qa_reward
 from fedrl_lightning.rewards.reasoning_gym import reasoning_gym_reward
+from fedrl_lightning.rewards.scaled import ScaledReward
 
 __all__ = [
     "CodeReward",
     "RewardFunc",
+    "ScaledReward",
     "binary_code_reward",
     "code_reward",
     "extract_code",

