@@ -234,3 +234,27 @@ def test_each_algorithm_config_runs_through_the_cli(config, tmp_path):
     assert saved["trainer"]["aggregation"]["class_path"] == expected
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 3  # header, round 0 evaluation, the rounds
+
+
+# -- resume: client-private algorithm state survives a restart ------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["scaffold", "fedmoa"])
+def test_resume_continues_client_side_state_exactly(algorithm, tmp_path):
+    def trainer_and_module(out, rounds):
+        aggregation = Scaffold() if algorithm == "scaffold" else TaskAwareFedAvg()
+        module = fedmoa_module(hypergrad_lr=1.0) if algorithm == "fedmoa" else make_module()
+        trainer = FederatedTrainer(num_rounds=rounds, aggregation=aggregation, output_dir=str(out), progress=False)
+        return trainer, module
+
+    straight, module = trainer_and_module(tmp_path / "straight", 2)
+    straight.fit(module, make_data(), ckpt_path=None)
+    first, module = trainer_and_module(tmp_path / "resumed", 1)
+    first.fit(module, make_data(), ckpt_path=None)
+    resumed, module = trainer_and_module(tmp_path / "resumed", 2)
+    resumed.fit(module, make_data(), ckpt_path="last")
+    assert all(torch.equal(straight.global_state[k], v) for k, v in resumed.global_state.items())
+    key = "scaffold_c" if algorithm == "scaffold" else "module"
+    for cid in (0, 1):
+        a, b = straight.client_states[cid].extra[key], resumed.client_states[cid].extra[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
