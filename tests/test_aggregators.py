@@ -373,6 +373,25 @@ def test_krum_needs_more_than_2f_plus_2_clients():
         Krum(num_selected=5).aggregate({}, updates)
 
 
+@pytest.mark.parametrize("attack", ["scaled_100x", "flipped_sign"])
+def test_robust_aggregators_resist_one_poisoned_client_and_fedavg_does_not(attack):
+    gen = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(64, generator=gen, dtype=F64)}
+    honest = [torch.ones(64, dtype=F64) + 0.1 * torch.randn(64, generator=gen, dtype=F64) for _ in range(4)]
+    poison = 100 * honest[0] if attack == "scaled_100x" else -honest[0]
+    deltas = [*honest, poison]
+    updates = [upd(i, {"w": x["w"] + d}) for i, d in enumerate(deltas)]
+    target = x["w"] + torch.stack(honest).mean(0)
+
+    def error(agg) -> float:
+        return float((agg.aggregate(x, updates)["w"] - target).norm() / (target - x["w"]).norm())
+
+    fedavg = error(FedAvg("uniform"))
+    assert fedavg > (19.0 if attack == "scaled_100x" else 0.35)  # the poison moves the mean by (p - h)/5
+    for agg in (FedMedian(), TrimmedMean(beta=0.2), Krum(num_malicious=1), Krum(num_malicious=1, num_selected=3)):
+        assert error(agg) < 0.15, (type(agg).__name__, error(agg), fedavg)
+
+
 # ------------------------------------------------------------------------------------------------------ LoRA modes
 
 
