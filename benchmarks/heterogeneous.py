@@ -40,6 +40,7 @@ from fedrl_lightning.trainer import FederatedTrainer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METHODS = ("local_only", "fedavg", "fedprox", "fedadam", "fgrpo", "fedmoa", "central")
 TASKS = ["basic_arithmetic", "chain_sum", "gcd", "simple_equations"]
@@ -190,6 +191,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("held-out accuracy (greedy)")
     for ax in axes:
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8)
     fig.tight_layout()

@@ -57,7 +57,7 @@ def local_step(
     examples: list[dict],
     objective: LocalObjective | None = None,
 ) -> int:
-    """One GRPO step: generate, score, then ``num_iterations`` optimizer steps; returns completion tokens.
+    """One local step: generate, score, then the module's optimizer steps over that batch; returns completion tokens.
 
     Per optimizer step, after the backward passes and before clipping: the module's ``on_before_optimizer_step``
     (algorithm state such as FedMOA's objective weights) and the aggregator's ``objective`` (FedProx, SCAFFOLD).
@@ -70,14 +70,14 @@ def local_step(
     with timed(t, "old_ref_log_probs"):
         batch = module.make_batch(rollout, rewards)
     module.train()
-    for _ in range(module.num_iterations):
+    for micro_batches in module.optimizer_steps(batch):
         with timed(t, "forward_backward"):
-            for micro in batch.micro_batches(module.micro_batch_size):
+            for micro in micro_batches:
                 module.backward_step(fabric, micro)
         with timed(t, "optimizer"):
             module.on_before_optimizer_step(optimizer)
             if objective is not None:
-                objective.on_gradients(trainable_params(module), optimizer.param_groups[0]["lr"])
+                objective.on_gradients(module.trainable_parameters(), optimizer.param_groups[0]["lr"])
             if module.max_grad_norm > 0:
                 t.update("grad_norm", fabric.clip_gradients(module, optimizer, max_norm=module.max_grad_norm))
             optimizer.step()
@@ -106,11 +106,6 @@ def run_round(
         if on_step is not None:
             on_step(step)
     return num_prompts, num_tokens, module.tracker.compute_and_reset()
-
-
-def trainable_params(module: Any) -> dict[str, torch.nn.Parameter]:
-    """The trainable parameters by the names ``trainable_state`` uses."""
-    return {n: p for n, p in module.model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

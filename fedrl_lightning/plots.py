@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _series(history: list[dict[str, float]], pattern: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -39,6 +40,7 @@ def plot_run(history: list[dict[str, float]], path: str | Path) -> Path:
             ax.plot(*zip(*mean), color="black", linewidth=2.5, label="mean")
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +26,7 @@ from rich.progress import Progress
 from fedrl_lightning import checkpoint, reporting
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
-from fedrl_lightning.client import ClientState, evaluate, run_round, trainable_params
+from fedrl_lightning.client import ClientState, evaluate, run_round
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.errors import StopFederation
@@ -35,6 +36,9 @@ from fedrl_lightning.rollout.hf import HFRollout
 from fedrl_lightning.selection import UniformSelector
 
 log = logging.getLogger(__name__)
+# The run directory holds config.yaml and checkpoints beside metrics.csv by design, and a resume replays the
+# history into a fresh metrics.csv: Lightning's "directory exists and is not empty" warning says nothing here.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 class ClientFault(RuntimeError):
@@ -264,7 +268,7 @@ class FederatedTrainer:
         prompts, tokens, metrics = run_round(
             self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step, objective
         )
-        extra = objective.finish(trainable_params(module)) if objective is not None else {}
+        extra = objective.finish(module.trainable_parameters()) if objective is not None else {}
         adapter = module.trainable_state()
         if self.max_update_norm is not None:
             norm = sum(float((adapter[k] - v).double().square().sum()) for k, v in start_adapter.items()) ** 0.5

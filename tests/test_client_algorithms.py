@@ -229,9 +229,13 @@ def test_each_algorithm_config_runs_through_the_cli(config, tmp_path):
     args = ["fit", "-c", "configs/tiny.yaml", "-c", str(config), "--trainer.output_dir", str(out)]
     FedRLCLI(args=[*args, "--trainer.num_rounds", "1", *CLI_OVERRIDES.get(config.stem, [])])
     assert (out / "adapter" / "adapter_config.json").is_file()
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    expected = yaml.safe_load(config.read_text())["trainer"]["aggregation"]["class_path"]
-    assert saved["trainer"]["aggregation"]["class_path"] == expected
+    saved, fragment = yaml.safe_load((out / "config.yaml").read_text()), yaml.safe_load(config.read_text())
+    for section, key in (("trainer", "aggregation"), ("model", None)):
+        part = fragment.get(section, {})
+        part = part.get(key) if key else part
+        if part:  # the fragment's class reached the run
+            saved_part = saved[section][key] if key else saved[section]
+            assert saved_part["class_path"] == part["class_path"]
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) >= 3  # header, round 0 evaluation, the rounds
 

@@ -35,6 +35,7 @@ from fedrl_lightning.rollout.vllm import VLLMRollout
 from fedrl_lightning.rollout.vllm_server import VLLMServerRollout
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+TORCH_SET_NUM_THREADS = torch.set_num_threads
 SKIP_REASON = "vLLM is not installed (pip install -e '.[vllm]')"
 
 
@@ -133,6 +134,12 @@ def max_diff(a, b, mask):
 def trainer_log_probs(module, batch, temperature: float = 1.0):
     with torch.no_grad():
         return module.completion_log_probs(*batch, temperature=temperature)[0]
+
+
+@vllm_test
+def test_engine_start_leaves_the_trainers_thread_settings_alone(backend, tiny_dir):
+    backend.engine(tiny_module(tiny_dir))
+    assert backend.llm is not None and torch.set_num_threads is TORCH_SET_NUM_THREADS
 
 
 @vllm_test

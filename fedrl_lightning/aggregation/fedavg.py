@@ -59,8 +59,8 @@ def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020): FedAvg on the server; the client adds (μ/2)||w - x_t||² to its loss.
 
-    The server side is FedAvg. The client loop adds ``aggregator.proximal_term(trainable_params, global_state)`` to
-    each local loss, where ``global_state`` is the adapter it received this round.
+    The server side is FedAvg; ``local_objective`` gives each client a ``ProximalObjective`` that adds the
+    proximal term's gradient to every local step (``proximal_term`` computes the term itself).
 
     Args:
         mu: proximal coefficient μ (OpenFedLLM's default 0.01; Li et al. try 0.001, 0.01, 0.1, 1; Flower has no

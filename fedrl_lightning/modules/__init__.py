@@ -3,5 +3,6 @@
 from fedrl_lightning.modules.fedmoa import FedMOAModule
 from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
 from fedrl_lightning.modules.policy import PolicyModule
+from fedrl_lightning.modules.ppo import PPOModule
 
-__all__ = ["FedMOAModule", "GRPOBatch", "GRPOModule", "PolicyModule"]
+__all__ = ["FedMOAModule", "GRPOBatch", "GRPOModule", "PPOModule", "PolicyModule"]

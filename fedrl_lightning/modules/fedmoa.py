@@ -153,7 +153,7 @@ class FedMOAModule(GRPOModule):
 
     def backward_step(self, fabric: Any, batch: GRPOBatch) -> None:
         """One forward, one backward per objective: keeps each ∇L_k and accumulates Σ λ_k ∇L_k into ``.grad``."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = list(self.trainable_parameters().values())
         weights = self.objective_weights().tolist()
         log_probs, old = self.policy_log_probs(batch)
         num = len(weights)

@@ -7,7 +7,7 @@ micro-batch is the whole of the algorithm; the loop around it lives in ``client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -109,6 +109,9 @@ class GRPOModule(PolicyModule):
         **kwargs: the policy's arguments (``model``, ``lora_r``, ``learning_rate``, ...), see ``PolicyModule``.
     """
 
+    group_relative = True
+    """Advantages compare completions of one prompt (so each prompt needs at least 2)."""
+
     def __init__(
         self,
         reward_funcs: list[RewardFunc] | None = None,
@@ -137,7 +140,7 @@ class GRPOModule(PolicyModule):
         vllm_importance_sampling_cap: float = 3.0,
         **kwargs: Any,
     ) -> None:
-        if num_generations < 2:
+        if num_generations < (2 if self.group_relative else 1):
             raise ValueError(f"num_generations must be >= 2 (group-relative advantages), got {num_generations}")
         for name, value in (
             ("prompts_per_step", prompts_per_step),
@@ -218,17 +221,23 @@ class GRPOModule(PolicyModule):
         self._log_rollout(rollout, rewards, group_std)
         return GRPOBatch(rollout, advantages, mask, old, ref, float(mask.sum()))
 
+    def optimizer_steps(self, batch: GRPOBatch) -> Iterator[list[GRPOBatch]]:
+        """Micro-batches of each optimizer step over a generated batch: the whole batch, ``num_iterations`` times."""
+        for _ in range(self.num_iterations):
+            yield batch.micro_batches(self.micro_batch_size)
+
     def _chunked(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Tensor:
         n, size = args[0].shape[0], self.micro_batch_size
         return torch.cat([fn(*(a[s : s + size] for a in args)) for s in range(0, n, size)])
 
-    def _log_rollout(self, rollout: Rollout, rewards: Tensor, group_std: Tensor) -> None:
+    def _log_rollout(self, rollout: Rollout, rewards: Tensor, group_std: Tensor | None = None) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()
         terminated = lengths[~rollout.is_truncated]
         t = self.tracker
         t.update("reward", torch.nanmean(rewards))
         t.update("reward_std", _nanstd(rewards))
-        t.update("frac_reward_zero_std", (group_std.nan_to_num(0.0) == 0).float().mean())
+        if group_std is not None:
+            t.update("frac_reward_zero_std", (group_std.nan_to_num(0.0) == 0).float().mean())
         t.update("completions/mean_length", lengths.mean())
         t.update("completions/min_length", lengths.min())
         t.update("completions/max_length", lengths.max())

@@ -104,14 +104,18 @@ class PolicyModule(L.LightningModule):
 
     # -- the trainable state, which is what clients own and what crosses the network --------------------------
 
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters that train and cross the network (the adapter), by name."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
     def trainable_state(self) -> dict[str, Tensor]:
         """Detached CPU copies of the trainable (adapter) parameters, by name."""
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Copy ``state`` into the trainable parameters in place (exact names and shapes required)."""
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        params = self.trainable_parameters()
         missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
         if missing or unexpected:
             raise KeyError(
@@ -134,7 +138,7 @@ class PolicyModule(L.LightningModule):
         fabric.backward(self.training_step(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = list(self.trainable_parameters().values())
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.adam_betas)
 
     # -- log-probs of completion tokens only -------------------------------------------------------------------
@@ -163,18 +167,45 @@ class PolicyModule(L.LightningModule):
         Returns:
             (log_probs (B, C), entropy (B, C) or None).
         """
+        log_probs, entropy, _ = self.completion_forward(
+            prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, with_entropy
+        )
+        return log_probs, entropy
+
+    def completion_forward(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        with_hidden: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``completion_log_probs`` plus, if asked, the last hidden states that predict each completion token.
+
+        Returns:
+            (log_probs (B, C), entropy (B, C) or None, hidden (B, C, H) or None); ``hidden[:, t]`` is the state
+            at the position whose logits score completion token t (the state a value head reads).
+        """
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # Positions as generate() assigns them under left padding.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         c = completion_ids.shape[1]
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=c + 1
-        ).logits[:, :-1]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=c + 1,
+            output_hidden_states=with_hidden,
+        )
+        logits = out.logits[:, :-1]
         temp = temperature if temperature > 0 else 1.0
         log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
         entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
-        return log_probs, entropy
+        hidden = out.hidden_states[-1][:, -c - 1 : -1] if with_hidden else None
+        return log_probs, entropy, hidden
 
     @torch.no_grad()
     def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:

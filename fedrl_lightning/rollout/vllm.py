@@ -231,7 +231,13 @@ class VLLMRollout:
             kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
         kwargs.update(self.engine_kwargs)
         log.info("Starting an in-process vLLM engine on %s", path)
-        return LLM(**kwargs)
+        set_num_threads = torch.set_num_threads
+        try:
+            return LLM(**kwargs)
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process once it has bound
+            # its threads; the trainer shares this process and keeps its own thread settings.
+            torch.set_num_threads = set_num_threads
 
     def close(self) -> None:
         """Shut the engine down and free its memory (a new one is built on the next generation)."""

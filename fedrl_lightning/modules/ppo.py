@@ -1,0 +1,226 @@
+"""PPO with a value head: per-token KL-shaped rewards, GAE, clipped policy and value losses, epochs of minibatches.
+
+``research/rl_anchors.md`` §3.7 and ``research/algorithms.md`` §5 (TunePPO). Sampling, rewards, the clipped policy
+loss and its aggregation, the k3 KL term and the vLLM importance correction come from ``GRPOModule``; what PPO adds:
+
+* a scalar value head on the policy's last hidden states (trained with the adapter, federated with it);
+* per-token rewards r_t = -kl_coef (log π_old - log π_ref)_t (k1) plus the sequence score on the last token;
+* GAE(γ, λ) advantages and returns, whitened advantages, a clipped value loss weighted by ``vf_coef``;
+* ``num_iterations`` PPO epochs, each over ``num_mini_batches`` shuffled minibatches (one optimizer step each);
+* TunePPO's penalties: a completion with no EOS or shorter than ``min_response_length`` scores ``penalty_score``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedrl_lightning.losses import (
+    LossType,
+    clipped_value_loss,
+    gae,
+    mask_truncated,
+    masked_mean,
+    masked_whiten,
+    weighted_reward_sum,
+)
+from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
+from fedrl_lightning.rollout import Rollout
+
+VALUE_PREFIX = "value_head."
+
+
+@dataclass
+class PPOBatch(GRPOBatch):
+    """A ``GRPOBatch`` whose advantages are per token, plus the value targets.
+
+    Attributes:
+        old_values: (N, C) value predictions at rollout time.
+        returns: (N, C) GAE value targets.
+    """
+
+    old_values: Tensor | None = None
+    returns: Tensor | None = None
+
+    def select(self, index: Tensor) -> PPOBatch:
+        """Rows ``index`` as a minibatch of its own (its token count becomes the loss normaliser)."""
+        mask = self.mask[index]
+        return replace(
+            self,
+            rollout=self.rollout.select(index),
+            advantages=self.advantages[index],
+            mask=mask,
+            old_log_probs=self.old_log_probs[index],
+            ref_log_probs=None if self.ref_log_probs is None else self.ref_log_probs[index],
+            old_values=self.old_values[index],
+            returns=self.returns[index],
+            num_items_in_batch=float(mask.sum()),
+        )
+
+    def micro_batches(self, size: int) -> list[PPOBatch]:
+        n = len(self.rollout)
+        chunks = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+        return [
+            replace(self.select(idx), num_items_in_batch=self.num_items_in_batch, num_micro_batches=len(chunks))
+            for idx in chunks
+        ]
+
+
+class PPOModule(GRPOModule):
+    """PPO on a LoRA policy with a scalar value head; rewards from the reward functions (or a reward model).
+
+    A reward model is one more reward function: ``rewards.model.RewardModel(path=...)`` scores prompt + completion
+    with any local sequence-classification checkpoint.
+
+    Args:
+        num_generations: completions per prompt (1 is plain PPO; more give a larger batch per prompt).
+        kl_coef: β_r of the k1 KL penalty in the per-token reward (0 skips the reference pass unless ``beta`` > 0).
+        gamma: GAE discount γ.
+        lam: GAE λ.
+        vf_coef: weight of the value loss.
+        cliprange_value: how far the value may move from its rollout-time prediction before clipping.
+        num_mini_batches: optimizer steps per PPO epoch (the batch is shuffled and split).
+        whiten_advantages: normalise advantages over the batch's tokens.
+        penalty_score: the score of a penalised completion (TunePPO: -3).
+        penalize_no_eos: penalise completions that hit ``max_completion_length`` without EOS.
+        min_response_length: penalise completions with fewer tokens (0 disables).
+        **kwargs: ``GRPOModule``'s arguments; ``num_iterations`` is the number of PPO epochs, ``epsilon`` the
+            policy clip range, ``beta`` an optional k3 KL term in the loss. Defaults follow TRL's PPO trainer.
+    """
+
+    group_relative = False
+
+    def __init__(
+        self,
+        num_generations: int = 1,
+        kl_coef: float = 0.05,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        vf_coef: float = 0.1,
+        cliprange_value: float = 0.2,
+        num_mini_batches: int = 1,
+        whiten_advantages: bool = True,
+        penalty_score: float = -3.0,
+        penalize_no_eos: bool = False,
+        min_response_length: int = 0,
+        num_iterations: int = 4,
+        loss_type: LossType = "bnpo",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_generations=num_generations, num_iterations=num_iterations, loss_type=loss_type, **kwargs)
+        if num_mini_batches < 1 or num_mini_batches > self.prompts_per_step * num_generations:
+            raise ValueError(f"num_mini_batches must be in [1, completions per step], got {num_mini_batches}")
+        if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {gamma} and {lam}")
+        self.kl_coef, self.gamma, self.lam, self.vf_coef = kl_coef, gamma, lam, vf_coef
+        self.cliprange_value, self.num_mini_batches = cliprange_value, num_mini_batches
+        self.whiten_advantages, self.penalty_score = whiten_advantages, penalty_score
+        self.penalize_no_eos, self.min_response_length = penalize_no_eos, min_response_length
+        hidden = self.model.get_base_model().config.hidden_size
+        self.value_head = nn.Linear(hidden, 1, dtype=next(self.model.parameters()).dtype)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no value noise in the first advantages
+        nn.init.zeros_(self.value_head.bias)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        params = super().trainable_parameters()
+        params.update({VALUE_PREFIX + n: p for n, p in self.value_head.named_parameters()})
+        return params
+
+    def log_probs_and_values(self, *args: Tensor, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(log-probs (B, C), entropy or None, values (B, C)) of completions in one forward pass."""
+        log_probs, entropy, hidden = self.completion_forward(
+            *args, temperature=self.sampling.temperature, with_entropy=with_entropy, with_hidden=True
+        )
+        return log_probs, entropy, self.value_head(hidden).squeeze(-1)
+
+    # -- the batch ---------------------------------------------------------------------------------------------
+
+    def sequence_scores(self, rollout: Rollout, rewards_per_func: Tensor) -> Tensor:
+        """(N,) weighted reward per completion, with TunePPO's penalties applied."""
+        scores = weighted_reward_sum(rewards_per_func, self.reward_weights).nan_to_num(0.0)
+        penalised = torch.zeros_like(scores, dtype=torch.bool)
+        if self.penalize_no_eos:
+            penalised |= rollout.is_truncated
+        if self.min_response_length > 0:
+            penalised |= rollout.completion_mask.sum(dim=1) < self.min_response_length
+        return torch.where(penalised, torch.full_like(scores, self.penalty_score), scores)
+
+    @torch.no_grad()
+    def make_batch(self, rollout: Rollout, rewards_per_func: Tensor) -> PPOBatch:
+        """Old log-probs and values, reference log-probs, KL-shaped per-token rewards, GAE; logs PPO's metrics."""
+        scores = self.sequence_scores(rollout, rewards_per_func)
+        mask = rollout.completion_mask
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        parts = [self.log_probs_and_values(*a) for a in self._chunks(args)]
+        old = torch.cat([p[0] for p in parts])
+        values = torch.cat([p[2] for p in parts]).float()
+        ref = None
+        if self.kl_coef > 0 or self.beta > 0:
+            ref = self._chunked(lambda *a: self.reference_log_probs(*a, temperature=self.sampling.temperature), args)
+        kl = (old - ref) * mask if ref is not None else torch.zeros_like(old)
+        token_rewards = -self.kl_coef * kl
+        last = (mask.sum(dim=1) - 1).clamp(min=0)
+        token_rewards[torch.arange(len(scores)), last] += scores.to(token_rewards.dtype)
+        advantages, returns = gae(token_rewards, values, mask, self.gamma, self.lam)
+        if self.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        t = self.tracker
+        t.update("objective/scores", scores.mean())
+        t.update("objective/kl", kl.sum(dim=1).mean())
+        t.update("objective/non_score_reward", token_rewards.sum(dim=1).mean() - scores.mean())
+        t.update("objective/rlhf_reward", token_rewards.sum(dim=1).mean())
+        t.update("val/mean", masked_mean(values, mask))
+        self._log_rollout(rollout, scores)
+        return PPOBatch(
+            rollout,
+            advantages,
+            mask_truncated(mask, rollout.is_truncated) if self.mask_truncated_completions else mask,
+            old,
+            ref if self.beta > 0 else None,
+            float(mask.sum()),
+            old_values=values,
+            returns=returns,
+        )
+
+    def _chunks(self, args: tuple[Tensor, ...]) -> Iterator[tuple[Tensor, ...]]:
+        n, size = args[0].shape[0], self.micro_batch_size
+        for s in range(0, n, size):
+            yield tuple(a[s : s + size] for a in args)
+
+    def optimizer_steps(self, batch: PPOBatch) -> Iterator[list[PPOBatch]]:
+        """``num_iterations`` epochs; each shuffles the batch into ``num_mini_batches`` optimizer steps."""
+        n = len(batch.rollout)
+        for _ in range(self.num_iterations):
+            order = torch.randperm(n)
+            for chunk in order.chunk(self.num_mini_batches):
+                yield batch.select(chunk).micro_batches(self.micro_batch_size)
+
+    # -- the loss of one micro-batch ---------------------------------------------------------------------------
+
+    def training_step(self, batch: PPOBatch, batch_idx: int = 0) -> Tensor:
+        r = batch.rollout
+        args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        log_probs, entropy, values = self.log_probs_and_values(*args, with_entropy=self.log_entropy)
+        weight = float(batch.mask.sum())
+        if entropy is not None:
+            self.tracker.update("entropy", masked_mean(entropy, batch.mask), weight)
+        policy_loss = self.policy_loss(batch, log_probs, batch.old_log_probs, batch.advantages)
+        value_loss = clipped_value_loss(values, batch.old_values, batch.returns, batch.mask, self.cliprange_value)
+        # The value loss is a per-micro-batch mean: divide so accumulation over micro-batches averages it.
+        loss = policy_loss + self.vf_coef * value_loss / batch.num_micro_batches
+        with torch.no_grad():
+            clipped = (values - batch.old_values).abs() > self.cliprange_value
+            self.tracker.update("val/clipfrac_avg", masked_mean(clipped.float(), batch.mask), weight)
+            self.tracker.update("loss/value_avg", value_loss, weight)
+            self.tracker.update("loss/policy_avg", policy_loss * batch.num_micro_batches)
+            log_ratio = (log_probs - batch.old_log_probs) * batch.mask
+            self.tracker.update("policy/approxkl_avg", masked_mean(0.5 * log_ratio**2, batch.mask), weight)
+            self.tracker.update("loss", loss * batch.num_micro_batches)
+        return loss
+
+
+__all__ = ["PPOBatch", "PPOModule"]
