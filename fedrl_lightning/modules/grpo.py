@@ -226,9 +226,14 @@ class GRPOModule(PolicyModule):
         for _ in range(self.num_iterations):
             yield batch.micro_batches(self.micro_batch_size)
 
-    def _chunked(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Tensor:
+    def _chunks(self, args: tuple[Tensor, ...]) -> Iterator[tuple[Tensor, ...]]:
+        """``args`` cut along the batch into ``micro_batch_size`` rows at a time."""
         n, size = args[0].shape[0], self.micro_batch_size
-        return torch.cat([fn(*(a[s : s + size] for a in args)) for s in range(0, n, size)])
+        for s in range(0, n, size):
+            yield tuple(a[s : s + size] for a in args)
+
+    def _chunked(self, fn: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Tensor:
+        return torch.cat([fn(*chunk) for chunk in self._chunks(args)])
 
     def _log_rollout(self, rollout: Rollout, rewards: Tensor, group_std: Tensor | None = None) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()

@@ -186,11 +186,6 @@ class PPOModule(GRPOModule):
             returns=returns,
         )
 
-    def _chunks(self, args: tuple[Tensor, ...]) -> Iterator[tuple[Tensor, ...]]:
-        n, size = args[0].shape[0], self.micro_batch_size
-        for s in range(0, n, size):
-            yield tuple(a[s : s + size] for a in args)
-
     def optimizer_steps(self, batch: PPOBatch) -> Iterator[list[PPOBatch]]:
         """``num_iterations`` epochs; each shuffles the batch into ``num_mini_batches`` optimizer steps."""
         n = len(batch.rollout)

@@ -40,12 +40,17 @@ def _unpad_left(ids: Tensor, mask: Tensor) -> list[list[int]]:
 
 def _build_rollout(
     tokenizer: Any,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
+    enc: dict[str, Tensor],
+    num_generations: int,
     samples: list[tuple[list[int], list[float]]],
     eos_ids: list[int],
 ) -> Rollout:
-    """A ``Rollout`` from N (token ids, sampled-token log-probs) pairs, padded and masked as ``HFRollout`` does."""
+    """A ``Rollout`` from N (token ids, sampled-token log-probs) pairs, padded and masked as ``HFRollout`` does.
+
+    ``enc`` holds the encoded prompts; each is repeated ``num_generations`` times, matching the samples' order.
+    """
+    prompt_ids = enc["input_ids"].repeat_interleave(num_generations, dim=0)
+    prompt_mask = enc["attention_mask"].repeat_interleave(num_generations, dim=0)
     pad = tokenizer.pad_token_id
     width = max([len(ids) for ids, _ in samples] + [1])
     completion_ids = torch.full((len(samples), width), pad, dtype=torch.long)
@@ -294,9 +299,7 @@ class VLLMRollout:
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 samples.append((ids, [step[tok].logprob for step, tok in zip(comp.logprobs, ids, strict=True)]))
-        prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0)
-        prompt_mask = enc["attention_mask"].repeat_interleave(g, dim=0)
-        return _build_rollout(tokenizer, prompt_ids, prompt_mask, samples, eos_ids)
+        return _build_rollout(tokenizer, enc, g, samples, eos_ids)
 
     @torch.no_grad()
     def completion_log_probs(

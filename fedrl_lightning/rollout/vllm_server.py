@@ -138,9 +138,7 @@ class VLLMServerRollout:
             body["seed"] = seed
         choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
         samples = [(list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices]
-        prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0)
-        prompt_mask = enc["attention_mask"].repeat_interleave(g, dim=0)
-        return _build_rollout(tokenizer, prompt_ids, prompt_mask, samples, eos_ids)
+        return _build_rollout(tokenizer, enc, g, samples, eos_ids)
 
     @torch.no_grad()
     def completion_log_probs(
