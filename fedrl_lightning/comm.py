@@ -26,6 +26,8 @@ class Channel:
 
     def __init__(self) -> None:
         self._bytes: dict[tuple[int, int, str], int] = defaultdict(int)
+        # The tensors' data alone (numel x element size), without the serialization header: what formulas predict.
+        self._tensor_bytes: dict[tuple[int, int, str], int] = defaultdict(int)
 
     def send_down(self, round_idx: int, client_id: int, payload: dict[str, Tensor]) -> dict[str, Tensor]:
         """Server -> client."""
@@ -43,6 +45,9 @@ class Channel:
             return {}
         blob = st_save({k: v.detach().contiguous().cpu() for k, v in payload.items()})
         self._bytes[(round_idx, client_id, direction)] += len(blob)
+        self._tensor_bytes[(round_idx, client_id, direction)] += sum(
+            v.numel() * v.element_size() for v in payload.values()
+        )
         return st_load(blob)
 
     def record(self, round_idx: int, client_id: int, direction: Direction, num_bytes: int) -> None:
@@ -58,13 +63,19 @@ class Channel:
         return out
 
     def ledger(self) -> list[dict[str, int | str]]:
-        """One row per (round, client, direction)."""
-        return [{"round": r, "client": c, "direction": d, "bytes": n} for (r, c, d), n in sorted(self._bytes.items())]
+        """One row per (round, client, direction): ``bytes`` on the wire, ``tensor_bytes`` of tensor data in them."""
+        return [
+            {"round": r, "client": c, "direction": d, "bytes": n, "tensor_bytes": self._tensor_bytes.get((r, c, d), 0)}
+            for (r, c, d), n in sorted(self._bytes.items())
+        ]
 
     def state_dict(self) -> dict:
         return {"ledger": self.ledger()}
 
     def load_state_dict(self, state: dict) -> None:
         self._bytes.clear()
+        self._tensor_bytes.clear()
         for row in state["ledger"]:
-            self._bytes[(row["round"], row["client"], row["direction"])] = row["bytes"]
+            key = (row["round"], row["client"], row["direction"])
+            self._bytes[key] = row["bytes"]
+            self._tensor_bytes[key] = row.get("tensor_bytes", 0)

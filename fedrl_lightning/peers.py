@@ -1,14 +1,17 @@
 """Federated PPO's reference: a weighted mixture of the peers' policy snapshots (``research/algorithms.md`` §5).
 
 Each client's KL reference is not the base model but a mixture of every client's latest snapshot, so the usual
-trust-region KL pulls a client toward where its peers are (TunePPO's "trajectory attractor"). These are the pure
-parts: the mixing weights and the mixture of the peers' logits. With self-preference 1 the reference is the
+trust-region KL pulls a client toward where its peers are (TunePPO's "trajectory attractor"). Here: the mixing
+weights and the mixture of the peers' logits (pure), and ``MixtureReference``, the reference a module calls; when
+and with which snapshots is ``callbacks.peer_mixture``'s business. With self-preference 1 the reference is the
 client's own snapshot (isolated PPO whose reference is refreshed at every sync).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -48,13 +51,45 @@ def product_weights(uniform: Tensor, scores: Tensor) -> Tensor:
     return w / total
 
 
+class MixtureAccumulator:
+    """Streams peers' logits into the mixture, one peer at a time: memory stays one (B, T, V) buffer for any N.
+
+    ``logits`` space (TunePPO's implementation): log softmax(Σ_j w_j z_j / T), a product of experts. ``probs``
+    space: the arithmetic mixture log Σ_j w_j softmax(z_j / T). A peer of weight 0 need not be added at all.
+    """
+
+    def __init__(self, space: MixtureSpace = "logits", temperature: float = 1.0) -> None:
+        if space not in ("logits", "probs"):
+            raise ValueError(f"space must be 'logits' or 'probs', got {space!r}")
+        self.space, self.temperature = space, temperature
+        self._acc: Tensor | None = None
+        self._total_weight = 0.0
+
+    def add(self, logits: Tensor, weight: float) -> None:
+        """Mix in one peer's (B, T, V) logits with its weight."""
+        scaled = logits.float() / self.temperature
+        if self.space == "logits":
+            term = weight * scaled
+            self._acc = term if self._acc is None else self._acc + term
+        else:
+            term = torch.log_softmax(scaled, dim=-1) + math.log(max(weight, 1e-38))
+            self._acc = term if self._acc is None else torch.logaddexp(self._acc, term)
+        self._total_weight += weight
+
+    def log_probs(self, tokens: Tensor) -> Tensor:
+        """(B, T) log-probs of ``tokens`` under the mixture of what was added (weights must sum to 1)."""
+        if self._acc is None:
+            raise ValueError("no peer was added to the mixture")
+        if abs(self._total_weight - 1.0) > 1e-6:
+            raise ValueError(f"the mixture's weights sum to {self._total_weight}, not 1")
+        log_p = torch.log_softmax(self._acc, dim=-1) if self.space == "logits" else self._acc
+        return log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def mixture_log_probs(
     peer_logits: Tensor, weights: Tensor, tokens: Tensor, space: MixtureSpace = "logits", temperature: float = 1.0
 ) -> Tensor:
-    """Log-probs of ``tokens`` under the mixture of the peers' next-token distributions.
-
-    ``logits`` (TunePPO's implementation): log softmax(Σ_j w_j z_j / T), a product of experts. ``probs``: the
-    arithmetic mixture log Σ_j w_j softmax(z_j / T).
+    """Log-probs of ``tokens`` under the mixture of the peers' next-token distributions (see ``MixtureAccumulator``).
 
     Args:
         peer_logits: (N, B, T, V) each peer snapshot's logits on the same sequences.
@@ -68,15 +103,77 @@ def mixture_log_probs(
     """
     if peer_logits.shape[0] != weights.shape[0]:
         raise ValueError(f"{peer_logits.shape[0]} peers' logits but {weights.shape[0]} weights")
-    w = weights.to(peer_logits.device, torch.float32).view(-1, 1, 1, 1)
-    scaled = peer_logits.float() / temperature
-    if space == "logits":
-        log_p = torch.log_softmax((w * scaled).sum(dim=0), dim=-1)
-    elif space == "probs":
-        log_p = torch.logsumexp(torch.log_softmax(scaled, dim=-1) + w.clamp(min=1e-38).log(), dim=0)
-    else:
-        raise ValueError(f"space must be 'logits' or 'probs', got {space!r}")
-    return log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    acc = MixtureAccumulator(space, temperature)
+    for z, w in zip(peer_logits, weights.tolist()):
+        if w > 0:
+            acc.add(z, w)
+    return acc.log_probs(tokens)
 
 
-__all__ = ["mixture_log_probs", "product_weights", "score_weights", "uniform_weights"]
+class MixtureReference:
+    """A client's KL reference: the mixture of peer snapshots, set as ``PolicyModule.reference_policy``.
+
+    Called as ``reference(module, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=T)``. Each
+    snapshot of non-zero weight is swapped into the module's trainable state for one no-grad forward pass over the
+    completions, then the client's live state is restored. ``transport(peer, logits, sequences)`` (optional) carries
+    the logits across the channel as in ``logit_exchange``, where the peer computes them and sends them back.
+
+    Args:
+        snapshots: per peer, its trainable state (adapter) at the last sync.
+        weights: (N,) mixing weights, one per snapshot.
+        space: ``logits`` or ``probs``.
+        transport: ``(peer_index, logits, sequences) -> logits`` as received, or None (snapshots held locally).
+    """
+
+    def __init__(
+        self,
+        snapshots: list[dict[str, Tensor]],
+        weights: Tensor,
+        space: MixtureSpace = "logits",
+        transport: Callable[[int, Tensor, dict[str, Tensor]], Tensor] | None = None,
+    ) -> None:
+        if len(snapshots) != len(weights):
+            raise ValueError(f"{len(snapshots)} snapshots but {len(weights)} weights")
+        self.snapshots, self.weights, self.space, self.transport = snapshots, weights, space, transport
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        module: Any,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        temperature: float = 1.0,
+    ) -> Tensor:
+        """(B, C) log-probs of the completion tokens under the mixture."""
+        acc = MixtureAccumulator(self.space, temperature if temperature > 0 else 1.0)
+        sequences = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        live = module.trainable_state()
+        try:
+            for j, (snapshot, w) in enumerate(zip(self.snapshots, self.weights.tolist())):
+                if w <= 0:
+                    continue
+                module.load_trainable_state(snapshot)
+                logits = module.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
+                if self.transport is not None:
+                    logits = self.transport(j, logits, sequences)
+                acc.add(logits, w)
+        finally:
+            module.load_trainable_state(live)
+        return acc.log_probs(completion_ids)
+
+
+__all__ = [
+    "MixtureAccumulator",
+    "MixtureReference",
+    "mixture_log_probs",
+    "product_weights",
+    "score_weights",
+    "uniform_weights",
+]

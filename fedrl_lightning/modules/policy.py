@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class PolicyModule(L.LightningModule):
             torch.manual_seed(seed)
             self.model: PeftModel = get_peft_model(base, lora)
         self.tracker = MetricTracker()
+        self.reference_policy: Callable[..., Tensor] | None = None
 
     # -- the trainable state, which is what clients own and what crosses the network --------------------------
 
@@ -188,6 +190,26 @@ class PolicyModule(L.LightningModule):
             (log_probs (B, C), entropy (B, C) or None, hidden (B, C, H) or None); ``hidden[:, t]`` is the state
             at the position whose logits score completion token t (the state a value head reads).
         """
+        logits, hidden = self._completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask, with_hidden)
+        temp = temperature if temperature > 0 else 1.0
+        log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
+        entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
+        return log_probs, entropy, hidden
+
+    def completion_logits(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
+    ) -> Tensor:
+        """(B, C, V) raw logits that score each completion token (e.g. to mix several policies' distributions)."""
+        return self._completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)[0]
+
+    def _completion_logits(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        with_hidden: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         # Positions as generate() assigns them under left padding.
@@ -200,16 +222,16 @@ class PolicyModule(L.LightningModule):
             logits_to_keep=c + 1,
             output_hidden_states=with_hidden,
         )
-        logits = out.logits[:, :-1]
-        temp = temperature if temperature > 0 else 1.0
-        log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
-        entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
         hidden = out.hidden_states[-1][:, -c - 1 : -1] if with_hidden else None
-        return log_probs, entropy, hidden
+        return out.logits[:, :-1], hidden
 
     @torch.no_grad()
     def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
-        """Completion log-probs of the base model: the same network with the adapter disabled (no second copy)."""
+        """Completion log-probs of the KL reference: the base model (the same network with the adapter disabled, no
+        second copy), or ``reference_policy(self, *args, temperature=...)`` when a callback has set one (Federated
+        PPO's mixture of peer snapshots)."""
+        if self.reference_policy is not None:
+            return self.reference_policy(self, *args, temperature=temperature)
         with self.model.disable_adapter():
             return self.completion_log_probs(*args, temperature=temperature)[0]
 
