@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +186,13 @@ class FederatedTrainer:
 
     def _run_round_with_retries(self, r: int, bar: Progress) -> dict[str, float]:
         """A round that misses ``min_clients`` is retried from the same client states, then stops the run."""
-        snapshot = copy.deepcopy(self.client_states)
+        # Stored client state is never mutated in place (a round replaces it), so a shallow snapshot suffices.
+        snapshot = {cid: replace(s) for cid, s in self.client_states.items()}
         for attempt in range(self.round_retries + 1):
             try:
                 return self._run_round(r, bar)
             except _TooFewClients as short:
-                self.client_states = copy.deepcopy(snapshot)
+                self.client_states = {cid: replace(s) for cid, s in snapshot.items()}
                 log.warning("round %d attempt %d: %s", r, attempt + 1, short)
                 reason = str(short)
         raise StopFederation(f"round {r} failed {self.round_retries + 1} time(s): {reason}")
@@ -246,7 +247,8 @@ class FederatedTrainer:
         else:
             start_adapter = state.adapter if state.adapter is not None else self._initial_adapter
         module.load_trainable_state(start_adapter)
-        self.optimizer.load_state_dict(state.optimizer or self._fresh_optimizer)
+        # A copy: the optimizer updates its state in place, and the stored state must change only if the round succeeds.
+        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer or self._fresh_optimizer))
         module.load_client_state(copy.deepcopy(state.extra.get("module", {})))
         client_extra = copy.deepcopy(state.extra)  # committed only if the round succeeds
         objective = None
@@ -283,7 +285,7 @@ class FederatedTrainer:
         extra.setdefault("task", Counter(ex.get("task", "default") for ex in examples).most_common(1)[0][0])
         if "accuracy" in metrics:
             extra.setdefault("accuracy", metrics["accuracy"])
-        state.optimizer = copy.deepcopy(self.optimizer.state_dict())
+        state.optimizer = self.optimizer.state_dict()  # the next client's load replaces these tensors, never mutates
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()
         client_extra["module"] = module.client_state()
         state.extra = client_extra
@@ -319,7 +321,10 @@ class FederatedTrainer:
         return {
             "round": self.round_idx,
             "global_state": self.global_state,
-            "client_states": {cid: asdict(s) for cid, s in self.client_states.items()},
+            # Not dataclasses.asdict, which deep-copies every client's tensors (2x their memory at each checkpoint).
+            "client_states": {
+                cid: {f.name: getattr(s, f.name) for f in fields(s)} for cid, s in self.client_states.items()
+            },
             "aggregation": self.aggregation.state_dict() if self.aggregation is not None else None,
             "selector": getattr(self.selector, "state_dict", dict)(),
             "comm": self.comm.state_dict(),

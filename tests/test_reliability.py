@@ -211,3 +211,38 @@ def test_ckpt_path_last_through_the_cli_resumes(tmp_path):
     assert checkpoint.latest_valid(tmp_path / "run" / "checkpoints").name == "round-000002"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         FedRLCLI(args=["fit", "-c", "configs/tiny.yaml", "--trainer.output_dir", out, "--ckpt_path", out])
+
+
+class FailAfterFirstStep(Callback):
+    """Client 1 fails in round 2 after one optimizer step has updated its optimizer state."""
+
+    def on_local_step_end(self, round_idx, client_id, step):
+        if round_idx == 2 and client_id == 1 and step == 0:
+            raise RuntimeError("client crashed mid-round")
+
+
+def test_a_client_failing_mid_round_keeps_its_state_from_before_the_round(tmp_path):
+    trainer = FederatedTrainer(
+        num_rounds=2,
+        local_steps=2,
+        aggregation=FedAvg(),
+        output_dir=str(tmp_path),
+        progress=False,
+        eval_every=0,
+        eval_before_training=False,
+        callbacks=[FailAfterFirstStep()],
+        eval_batch_size=4,
+    )
+    before = {}
+
+    class Keep(Callback):
+        def on_round_end(self, round_idx):
+            if round_idx == 1:
+                before.update({k: v.clone() for k, v in trainer.client_states[1].optimizer["state"][0].items()})
+
+    trainer.fabric._callbacks.append(Keep())
+    trainer.fit(make_module(), make_data())
+    assert trainer.history[-1]["faults/client1"] == 1.0
+    after = trainer.client_states[1].optimizer["state"][0]
+    # the live optimizer stepped once in round 2, the stored state did not move
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
