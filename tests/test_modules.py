@@ -1,5 +1,7 @@
 """The policy and GRPO module on the tiny random model."""
 
+from dataclasses import replace
+
 import lightning as L
 import torch
 
@@ -74,6 +76,34 @@ def test_hf_rollout_shapes_groups_and_masks():
     assert (rollout.prompt_mask[:, -1] == 1).all()
     assert len(rollout.completions) == 6
     assert rollout.is_truncated.dtype == torch.bool
+
+
+def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
+    module = make_module(num_generations=2, max_completion_length=6, temperature=0.0)
+    prompts = [p["prompt"] for p in PROMPTS]
+    merged = HFRollout(merged_copy=True)
+    for seed in range(2):  # the second adapter checks that the copy is refreshed, not built once
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in module.trainable_parameters().items():
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+        expected = HFRollout().generate(module, prompts, module.sampling)
+        got = merged.generate(module, prompts, module.sampling)
+        assert torch.equal(got.completion_ids, expected.completion_ids)
+    base = module.model.get_base_model()
+    q = base.model.layers[0].self_attn.q_proj
+    copy_q = merged._copy.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(copy_q.weight, q.base_layer.weight + q.get_delta_weight("default"))
+    # min_tokens suppresses EOS: make the greedy first token the EOS, then force 6 tokens
+    first = int(expected.completion_ids[0, 0])
+    module.model.generation_config.eos_token_id = first
+    try:
+        stopped = HFRollout().generate(module, prompts[:1], module.sampling)
+        forced = HFRollout().generate(module, prompts[:1], replace(module.sampling, min_tokens=6))
+    finally:
+        module.model.generation_config.eos_token_id = module.tokenizer.eos_token_id
+    assert stopped.completion_mask.sum(dim=1).tolist() == [1, 1]
+    assert forced.completion_mask.sum(dim=1).tolist() == [6, 6]
 
 
 def test_completion_masks_through_first_eos():

@@ -18,6 +18,8 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    min_tokens: int = 0
+    """Suppress EOS before this many new tokens (0 = off; benchmarks force full-length decoding with it)."""
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
 
@@ -41,15 +43,39 @@ class HFRollout:
     Args:
         max_prompt_length: keep at most this many prompt tokens (left-truncated); None keeps all.
         generation_batch_size: completions per ``generate`` call; None does the whole batch in one call.
+        merged_copy: decode with a plain copy of the base model into which the current adapter is merged before
+            each call (one extra copy of the base weights, not per client), so the decode loop runs no LoRA
+            matmuls. The copy is rebuilt from the frozen base each time: no rounding drift accumulates.
     """
 
-    def __init__(self, max_prompt_length: int | None = 512, generation_batch_size: int | None = None) -> None:
+    def __init__(
+        self, max_prompt_length: int | None = 512, generation_batch_size: int | None = None, merged_copy: bool = False
+    ) -> None:
         self.max_prompt_length = max_prompt_length
         self.generation_batch_size = generation_batch_size
+        self.merged_copy = merged_copy
+        self._copy: Any = None
+        self._copy_of: Any = None
+
+    @torch.no_grad()
+    def merged_model(self, peft_model: Any) -> Any:
+        """The plain generation copy with ``peft_model``'s current adapter merged: W = W_base + scale * B @ A."""
+        if self._copy is None or self._copy_of is not peft_model:
+            self._copy = copy.deepcopy(peft_model).merge_and_unload().eval()
+            self._copy_of = peft_model
+        targets = dict(self._copy.named_modules())
+        for name, layer in peft_model.named_modules():
+            if isinstance(layer, LoraLayer) and hasattr(layer, "get_delta_weight"):
+                base = layer.get_base_layer().weight
+                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                targets[name.removeprefix("base_model.model.")].weight.copy_(base + delta)
+        return self._copy
 
     @torch.no_grad()
     def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
         model, tokenizer = module.model, module.tokenizer
+        if self.merged_copy:
+            model = self.merged_model(model)
         enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
         device = next(model.parameters()).device
         prompt_ids = enc["input_ids"].repeat_interleave(params.num_generations, dim=0).to(device)
@@ -62,6 +88,7 @@ class HFRollout:
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_ids,
             use_cache=True,
+            min_new_tokens=params.min_tokens or None,
         )
         if sampling:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)

@@ -287,6 +287,7 @@ class VLLMRollout:
             top_p=params.top_p if params.temperature > 0 else 1.0,
             top_k=(params.top_k or 0) if params.temperature > 0 else 0,
             max_tokens=params.max_completion_length,
+            min_tokens=params.min_tokens,
             logprobs=0,  # the sampled token's log-prob only
             stop_token_ids=eos_ids,
             detokenize=False,  # we decode with the policy's tokenizer, as HFRollout does

@@ -126,6 +126,7 @@ class VLLMServerRollout:
             prompt=_unpad_left(enc["input_ids"], enc["attention_mask"]),
             n=g,
             max_tokens=params.max_completion_length,
+            min_tokens=params.min_tokens,
             temperature=params.temperature,
             top_p=params.top_p if params.temperature > 0 else 1.0,
             top_k=(params.top_k or 0) if params.temperature > 0 else 0,
