@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from fedrl_lightning.data import FederatedData
@@ -18,7 +19,7 @@ from fedrl_lightning.trainer import FederatedTrainer
 
 
 class FedRLCLI(LightningCLI):
-    """LightningCLI with one subcommand, ``fit``, over ``FederatedTrainer``, a policy module and ``FederatedData``."""
+    """LightningCLI with one subcommand, ``fit``, over ``FederatedTrainer``, a policy module and a data module."""
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
         super().__init__(
@@ -42,7 +43,9 @@ class FedRLCLI(LightningCLI):
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederatedTrainer, "trainer", fail_untyped=False)
         parser.add_lightning_class_args(PolicyModule, "model", subclass_mode=True)
-        parser.add_lightning_class_args(FederatedData, "data")
+        # Any data module (``FederatedData`` when ``data`` has no ``class_path``, e.g. ``FedGRPOData`` for FedGRPO).
+        parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=False)
+        parser.set_defaults({"data": {"class_path": "fedrl_lightning.data.FederatedData"}})
 
     def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:
         # jsonargparse already built it from the ``trainer`` group.

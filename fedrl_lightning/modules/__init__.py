@@ -1,8 +1,9 @@
 """The LightningModules: the policy and the RL algorithms built on it."""
 
+from fedrl_lightning.modules.fedgrpo import FedGRPOModule
 from fedrl_lightning.modules.fedmoa import FedMOAModule
 from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
 from fedrl_lightning.modules.policy import PolicyModule
 from fedrl_lightning.modules.ppo import PPOModule
 
-__all__ = ["FedMOAModule", "GRPOBatch", "GRPOModule", "PPOModule", "PolicyModule"]
+__all__ = ["FedGRPOModule", "FedMOAModule", "GRPOBatch", "GRPOModule", "PPOModule", "PolicyModule"]

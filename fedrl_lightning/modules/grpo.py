@@ -203,9 +203,7 @@ class GRPOModule(PolicyModule):
 
     def make_batch(self, rollout: Rollout, rewards_per_func: Tensor) -> GRPOBatch:
         """Advantages, loss mask, cached old and reference log-probs; logs TRL's rollout metrics."""
-        g = self.num_generations
-        rewards = weighted_reward_sum(rewards_per_func, self.reward_weights)
-        advantages, group_std = group_advantages(rewards, g, self.scale_rewards)
+        rewards, advantages, group_std = self.rewards_and_advantages(rewards_per_func)
         mask = rollout.completion_mask
         if self.mask_truncated_completions:
             mask = mask_truncated(mask, rollout.is_truncated)
@@ -220,6 +218,12 @@ class GRPOModule(PolicyModule):
             ref = self._chunked(lambda *a: self.reference_log_probs(*a, temperature=self.sampling.temperature), args)
         self._log_rollout(rollout, rewards, group_std)
         return GRPOBatch(rollout, advantages, mask, old, ref, float(mask.sum()))
+
+    def rewards_and_advantages(self, rewards_per_func: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Scalar rewards (N,), advantages (N,) and group stds (N / G,) or None; subclasses change the baseline."""
+        rewards = weighted_reward_sum(rewards_per_func, self.reward_weights)
+        advantages, group_std = group_advantages(rewards, self.num_generations, self.scale_rewards)
+        return rewards, advantages, group_std
 
     def optimizer_steps(self, batch: GRPOBatch) -> Iterator[list[GRPOBatch]]:
         """Micro-batches of each optimizer step over a generated batch: the whole batch, ``num_iterations`` times."""
