@@ -194,7 +194,7 @@ class Expert:
     def _small_model(self) -> tuple[Any, Any]:
         key = (self.spec.model, self.spec.adapter)
         if key not in self._models:
-            model, tokenizer = load_causal_lm(self.spec.model, seed=self.expert_id)
+            model, tokenizer = load_causal_lm(self.spec.model)
             if self.spec.adapter:
                 from peft import PeftModel
 

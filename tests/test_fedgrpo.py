@@ -150,6 +150,27 @@ def test_model_expert_pays_agreement_with_its_small_models_greedy_answer():
     assert expert.score(prompt, ["<answer>7.0</answer>", "<answer>8</answer>"]) == [8.0, 0.0]
 
 
+def test_model_expert_loads_a_lora_adapter_trained_elsewhere(tmp_path):
+    trained = make_server(experts_per_question=1)
+    with torch.no_grad():
+        for p in trained.trainable_parameters().values():
+            p.add_(0.5)
+    trained.save_adapter(tmp_path / "adapter")
+    prompt = make_fedgrpo_data().train_examples(0)[0]["prompt"]
+    plain = Expert(0, ExpertSpec(mode="model", model="tiny-random", max_new_tokens=6), {})
+    tuned = Expert(
+        0, ExpertSpec(mode="model", model="tiny-random", adapter=str(tmp_path / "adapter"), max_new_tokens=6), {}
+    )
+    ids = trained.tokenizer(
+        trained.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = trained.model(**ids).logits[0, -1]
+        got = tuned._small_model()[0](**ids).logits[0, -1]
+        base = plain._small_model()[0](**ids).logits[0, -1]
+    assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(got, base, atol=1e-4)
+
+
 def test_reward_noise_is_seeded_and_changes_the_returned_floats():
     data = make_fedgrpo_data()
     prompt = data.train_examples(0)[0]["prompt"]
