@@ -122,6 +122,7 @@ class FederatedTrainer:
             loggers=[self._csv, TensorBoardLogger(str(self.output_dir), name="tensorboard", version="")],
         )
         self.comm = Channel()
+        self._overhead = 0.0  # seconds of the current round spent outside local training (swap, channel, aggregation)
         self.client_states: dict[int, ClientState] = {}
         self.global_state: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
@@ -204,6 +205,7 @@ class FederatedTrainer:
         fabric.call("on_clients_selected", trainer=self, round_idx=r, client_ids=client_ids)
         metrics: dict[str, float] = {}
         updates: list[ClientUpdate] = []
+        round_start, self._overhead = time.perf_counter(), 0.0
         task = bar.add_task(f"round {r} clients", total=len(client_ids))
         for cid in client_ids:
             try:
@@ -222,11 +224,17 @@ class FederatedTrainer:
             raise _TooFewClients(f"{len(updates)} of {len(client_ids)} clients replied, min_clients={self.min_clients}")
         if self.aggregation is not None:
             fabric.call("on_before_aggregate", trainer=self, round_idx=r, updates=updates)
+            agg_start = time.perf_counter()
             self.global_state = self.aggregation.aggregate(self.global_state, updates)
+            metrics["timing/aggregation"] = time.perf_counter() - agg_start
+            self._overhead += metrics["timing/aggregation"]
             metrics.update(getattr(self.aggregation, "metrics", dict)())
             fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
         for update in updates:  # after on_before_aggregate, which may add metrics (e.g. aggregation weights)
             metrics.update({f"client{update.client_id}/{k}": v for k, v in update.metrics.items()})
+        # Swap, channel and aggregation time as a share of the round's training (evaluation excluded).
+        metrics["timing/round_train"] = time.perf_counter() - round_start
+        metrics["timing/federated_overhead"] = self._overhead / metrics["timing/round_train"]
         totals = self.comm.totals(r)
         metrics.update({"comm/bytes_down": totals["down"], "comm/bytes_up": totals["up"]})
         metrics["train/reward_mean"] = _mean(u.metrics["reward"] for u in updates if "reward" in u.metrics)
@@ -242,6 +250,7 @@ class FederatedTrainer:
         module, state = self.module, self.client_states[cid]
         start = time.monotonic()
         self.fabric.call("on_client_start", trainer=self, round_idx=r, client_id=cid, module=module)
+        swap_start = time.perf_counter()  # federated overhead: state swap in/out and the channel, around the training
         if self.aggregation is not None:
             start_adapter = self.comm.send_down(r, cid, self.global_state)
         else:
@@ -267,9 +276,11 @@ class FederatedTrainer:
                 raise ClientFault(f"timed out after {elapsed:.1f} s (client_timeout={self.client_timeout})")
 
         examples = self.data.train_examples(cid)
+        train_start = time.perf_counter()
         prompts, tokens, metrics = run_round(
             self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step, objective
         )
+        train_end = time.perf_counter()
         extra = objective.finish(module.trainable_parameters()) if objective is not None else {}
         adapter = module.trainable_state()
         if self.max_update_norm is not None:
@@ -291,6 +302,7 @@ class FederatedTrainer:
         state.extra = client_extra
         if self.aggregation is None:
             state.adapter = adapter
+        self._overhead += (train_start - swap_start) + (time.perf_counter() - train_end)
         return ClientUpdate(cid, adapter, prompts, tokens, metrics, extra=extra)
 
     def _evaluate(self, r: int) -> dict[str, float]:

@@ -59,6 +59,9 @@ def test_fit_runs_hooks_in_order_aggregates_by_fedavg_and_writes_outputs(tmp_pat
     assert trainer.comm.totals(1)["up"] > 0 and trainer.comm.totals(1)["down"] > 0
     row = trainer.history[-1]
     assert {"client0/reward", "client1/eval/accuracy", "eval/accuracy_mean", "comm/bytes_up"} <= row.keys()
+    # the federated overhead (swap, channel, aggregation) is a measured share of the round's training time
+    assert 0 < row["timing/aggregation"] < row["timing/round_train"]
+    assert 0 < row["timing/federated_overhead"] < 1
 
 
 def test_state_swap_leaves_other_clients_state_untouched(tmp_path):
