@@ -90,6 +90,31 @@ def test_a_local_step_trains_adapter_and_value_head_and_logs_ppo_metrics():
         assert name in metrics, name
 
 
+def test_a_separate_value_lora_trains_apart_from_the_policy_adapter():
+    module = ppo_module(learning_rate=1e-2, value_model="lora")
+    value_keys = [k for k in module.trainable_state() if ".value." in k]
+    policy_keys = [k for k in module.trainable_state() if ".default." in k]
+    assert value_keys and policy_keys
+    rollout = HFRollout().generate(module, [p["prompt"] for p in PROMPTS], module.sampling)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    with torch.no_grad():  # make the value adapter differ from the base, so it would show up in the policy
+        for name, p in module.trainable_parameters().items():
+            if ".value." in name and "lora_B" in name:
+                p.add_(0.1)
+    log_probs, _, values = module.log_probs_and_values(*args)
+    plain = ppo_module()  # same seed, same policy adapter, no value adapter
+    torch.testing.assert_close(log_probs, plain.completion_log_probs(*args, temperature=module.sampling.temperature)[0])
+    # the value loss reaches the value adapter and the head, never the policy adapter
+    module.value_head.weight.data.fill_(0.1)  # a zero head (its init) passes no gradient back
+    values = module.log_probs_and_values(*args)[2]
+    (values * rollout.completion_mask).sum().backward()
+    params = module.trainable_parameters()
+    assert all(params[k].grad is None or not params[k].grad.any() for k in policy_keys)
+    assert any(params[k].grad is not None and params[k].grad.any() for k in value_keys)
+    with pytest.raises(ValueError, match="value_model"):
+        ppo_module(value_model="critic")
+
+
 def test_whitened_advantages_have_zero_mean_unit_variance():
     module = ppo_module()
     rollout = HFRollout().generate(module, [p["prompt"] for p in PROMPTS], module.sampling)

@@ -12,11 +12,14 @@ loss and its aggregation, the k3 KL term and the vLLM importance correction come
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from fedrl_lightning.losses import (
@@ -32,6 +35,22 @@ from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
 from fedrl_lightning.rollout import Rollout
 
 VALUE_PREFIX = "value_head."
+VALUE_ADAPTER = "value"
+
+
+@contextmanager
+def _only_adapter(model: Any, name: str) -> Iterator[None]:
+    """Run ``model`` with only adapter ``name`` active, leaving every adapter's ``requires_grad`` as it is (PEFT's
+    ``set_adapter`` would freeze the others)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, active in zip(layers, previous):
+            m._active_adapter = active
 
 
 @dataclass
@@ -88,6 +107,9 @@ class PPOModule(GRPOModule):
         penalty_score: the score of a penalised completion (TunePPO: -3).
         penalize_no_eos: penalise completions that hit ``max_completion_length`` without EOS.
         min_response_length: penalise completions with fewer tokens (0 disables).
+        value_model: ``head``: the value head reads the policy's own hidden states (one forward pass for both);
+            ``lora``: a separate LoRA adapter (the policy's rank and targets) on the same base feeds the head, so
+            the value loss never moves the policy's adapter (TunePPO's value model), at one more forward pass.
         **kwargs: ``GRPOModule``'s arguments; ``num_iterations`` is the number of PPO epochs, ``epsilon`` the
             policy clip range, ``beta`` an optional k3 KL term in the loss. Defaults follow TRL's PPO trainer.
     """
@@ -107,6 +129,7 @@ class PPOModule(GRPOModule):
         penalty_score: float = -3.0,
         penalize_no_eos: bool = False,
         min_response_length: int = 0,
+        value_model: Literal["head", "lora"] = "head",
         num_iterations: int = 4,
         loss_type: LossType = "bnpo",
         **kwargs: Any,
@@ -120,6 +143,16 @@ class PPOModule(GRPOModule):
         self.cliprange_value, self.num_mini_batches = cliprange_value, num_mini_batches
         self.whiten_advantages, self.penalty_score = whiten_advantages, penalty_score
         self.penalize_no_eos, self.min_response_length = penalize_no_eos, min_response_length
+        if value_model not in ("head", "lora"):
+            raise ValueError(f"value_model must be 'head' or 'lora', got {value_model!r}")
+        self.value_model = value_model
+        if value_model == "lora":
+            with torch.random.fork_rng():  # a deterministic init that leaves the caller's RNG stream alone
+                torch.manual_seed(kwargs.get("seed", 0) + 1)
+                self.model.add_adapter(VALUE_ADAPTER, copy.deepcopy(self.model.peft_config["default"]))
+            for name, p in self.model.named_parameters():  # add_adapter leaves a non-active adapter frozen
+                if f".{VALUE_ADAPTER}." in name:
+                    p.requires_grad_(True)
         hidden = self.model.get_base_model().config.hidden_size
         self.value_head = nn.Linear(hidden, 1, dtype=next(self.model.parameters()).dtype)
         nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no value noise in the first advantages
@@ -131,10 +164,14 @@ class PPOModule(GRPOModule):
         return params
 
     def log_probs_and_values(self, *args: Tensor, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(log-probs (B, C), entropy or None, values (B, C)) of completions in one forward pass."""
+        """(log-probs (B, C), entropy or None, values (B, C)) of completions (one pass; two with a value LoRA)."""
+        shared = self.value_model == "head"
         log_probs, entropy, hidden = self.completion_forward(
-            *args, temperature=self.sampling.temperature, with_entropy=with_entropy, with_hidden=True
+            *args, temperature=self.sampling.temperature, with_entropy=with_entropy, with_hidden=shared
         )
+        if not shared:
+            with _only_adapter(self.model, VALUE_ADAPTER):
+                hidden = self.completion_forward(*args, with_hidden=True)[2]
         return log_probs, entropy, self.value_head(hidden).squeeze(-1)
 
     # -- the batch ---------------------------------------------------------------------------------------------
