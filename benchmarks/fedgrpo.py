@@ -2,6 +2,9 @@
 
     python benchmarks/fedgrpo.py                                   # embedded model
     python benchmarks/fedgrpo.py --model tiny-random --steps 1 --eval_per_task 2   # smoke run
+    # methods in two processes, then one table from both JSON files:
+    python benchmarks/fedgrpo.py --methods '[central]' --evaluate_base false --out /tmp/central
+    python benchmarks/fedgrpo.py --methods '[]' --merge '[benchmarks/results/fedgrpo.json, /tmp/central/fedgrpo.json]'
 
 The server trains the policy on questions from ``len(tasks)`` domains; ``experts_per_domain x len(tasks)`` expert
 clients each hold the labels of one domain (``partition: by_task``) and grade with the task verifier x 8 plus an
@@ -218,26 +221,41 @@ def main(
     eval_batch_size: int = 16,
     seed: int = 0,
     out: str = "benchmarks/results",
+    evaluate_base: bool = True,
+    merge: list[str] = [],
 ) -> dict[str, Any]:
-    """Run ``methods`` with one budget and write the table, JSON and PNG."""
+    """Run ``methods`` with one budget and write the table, JSON and PNG.
+
+    ``evaluate_base`` scores the untrained policy before the first method. ``merge`` names ``fedgrpo.json`` files of
+    other processes run with the same configuration (methods run in parallel); their results join this run's.
+    """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    cfg = {k: v for k, v in locals().items() if k not in ("methods", "out", "unknown")}
+    cfg = {k: v for k, v in locals().items() if k not in ("methods", "out", "unknown", "evaluate_base", "merge")}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     base = math.nan
+    for path in merge:
+        other = json.loads(Path(path).read_text())
+        if other["config"] != cfg:
+            raise ValueError(f"{path} was run with another configuration: {other['config']}")
+        results.update(other["results"])
+        base = other["base_accuracy"] if math.isnan(base) else base
     for i, method in enumerate(methods):
         Console().rule(f"fedgrpo: {method}")
-        results[method] = run_method(method, cfg, out_dir, evaluate_base=i == 0)
-        base = results[methods[0]].get("base_accuracy", base)
+        results[method] = run_method(method, cfg, out_dir, evaluate_base=evaluate_base and i == 0)
+        base = results[method].get("base_accuracy", base)
         num_experts = experts_per_domain * len(tasks)
         # A FedAvg round on the same adapter: every expert downloads the global adapter and uploads its own.
         results[method]["fedavg_lora_bytes_per_round"] = 2 * num_experts * results[method]["adapter_bytes"]
         (out_dir / "fedgrpo.json").write_text(
             json.dumps({"config": cfg, "base_accuracy": base, "results": results}, indent=2)
         )
+    (out_dir / "fedgrpo.json").write_text(
+        json.dumps({"config": cfg, "base_accuracy": base, "results": results}, indent=2)
+    )
     n_eval = eval_per_task * len(tasks)
     group = generations_per_expert * experts_per_question
     table = Table(title=f"FedGRPO, {steps} server steps x {prompts_per_step} questions x G={group}")
