@@ -69,13 +69,17 @@ class Channel:
             for (r, c, d), n in sorted(self._bytes.items())
         ]
 
+    def add_rows(self, rows: list[dict[str, int | str]]) -> None:
+        """Count ``ledger()`` rows recorded by another process (a rank that ran those clients)."""
+        for row in rows:
+            key = (row["round"], row["client"], row["direction"])
+            self._bytes[key] += row["bytes"]
+            self._tensor_bytes[key] += row.get("tensor_bytes", 0)
+
     def state_dict(self) -> dict:
         return {"ledger": self.ledger()}
 
     def load_state_dict(self, state: dict) -> None:
         self._bytes.clear()
         self._tensor_bytes.clear()
-        for row in state["ledger"]:
-            key = (row["round"], row["client"], row["direction"])
-            self._bytes[key] = row["bytes"]
-            self._tensor_bytes[key] = row.get("tensor_bytes", 0)
+        self.add_rows(state["ledger"])

@@ -23,7 +23,7 @@ from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from rich.progress import Progress
 
-from fedrl_lightning import checkpoint, reporting
+from fedrl_lightning import checkpoint, ranks, reporting
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import ClientState, evaluate, run_round
@@ -68,7 +68,10 @@ class FederatedTrainer:
             stops with its last checkpoint.
         save_merged: also export the final global adapter merged into the base model.
         accelerator: Fabric accelerator (``cpu``, ``cuda``, ``auto``).
-        devices: Fabric devices.
+        devices: Fabric devices (processes per node). With more than one process in all, each round's clients are
+            sharded over the ranks (gloo on CPU) and their updates gathered; the result does not depend on the
+            number of ranks (see ``fedrl_lightning.ranks``).
+        num_nodes: machines, each running ``devices`` processes.
         precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
         seed: seed of the client RNG streams and data sampling.
         progress: show a progress bar and per-round lines.
@@ -94,6 +97,7 @@ class FederatedTrainer:
         save_merged: bool = False,
         accelerator: str = "cpu",
         devices: int = 1,
+        num_nodes: int = 1,
         precision: str = "32-true",
         seed: int = 0,
         progress: bool = True,
@@ -114,9 +118,14 @@ class FederatedTrainer:
         self.save_merged, self.seed, self.progress = save_merged, seed, progress
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._csv = CSVLogger(str(self.output_dir), name="", version="")
+        strategy: Any = "auto"
+        if devices != 1 or num_nodes != 1:
+            strategy = ranks.ClientParallelStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
         self.fabric = L.Fabric(
             accelerator=accelerator,
             devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
             precision=precision,
             callbacks=list(callbacks or []),
             loggers=[self._csv, TensorBoardLogger(str(self.output_dir), name="tensorboard", version="")],
@@ -146,18 +155,7 @@ class FederatedTrainer:
                 checkpoint is skipped); a checkpoint directory resumes from it; null starts over.
         """
         fabric = self.fabric
-        fabric.launch()
-        fabric.seed_everything(self.seed)
-        self.module, self.optimizer = fabric.setup(module, module.configure_optimizers())
-        self.data = data
-        data.prepare_data()
-        data.setup("fit")  # build every client's split now, so bad data fails before any training
-        self._fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
-        self.global_state = self._initial_adapter = module.trainable_state()
-        self.client_states = {cid: self._new_client_state(cid) for cid in data.client_ids()}
-        resume_from = checkpoint.resolve(ckpt_path, self.checkpoint_dir)
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)
+        self.setup(module, data, ckpt_path)
         if self.progress:
             reporting.print_plan(self.console, self, module, data)
         fabric.call("on_fit_start", trainer=self, module=module)
@@ -177,13 +175,40 @@ class FederatedTrainer:
                 self._log(self.round_idx, metrics)
                 if self.progress:
                     reporting.print_round(self.console, self.round_idx, self.num_rounds, metrics)
-                if fabric.is_global_zero:
-                    checkpoint.save(self.checkpoint_dir, self.round_idx, self.state_dict(), self.keep_checkpoints)
+                self.save_checkpoint()
                 fabric.call("on_round_end", trainer=self, round_idx=self.round_idx, metrics=metrics)
                 bar.update(task, advance=1)
         self._write_outputs()
         fabric.call("on_fit_end", trainer=self)
         return self.history[-1] if self.history else {}
+
+    def setup(self, module: Any, data: FederatedData, ckpt_path: str | None = "last") -> None:
+        """Launch the processes, set up ``module`` and its optimizer, build every client's state, and resume.
+
+        ``fit`` calls it; a driver that runs rounds itself (e.g. a Flower app) calls it, then ``client_round`` and
+        ``aggregate``.
+        """
+        fabric = self.fabric
+        fabric.launch()
+        fabric.seed_everything(self.seed)
+        self.progress = self.progress and fabric.is_global_zero
+        self.module, self.optimizer = fabric.setup(module, module.configure_optimizers())
+        self.data = data
+        data.prepare_data()
+        data.setup("fit")  # build every client's split now, so bad data fails before any training
+        self._fresh_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        self.global_state = self._initial_adapter = module.trainable_state()
+        if not ranks.same_on_all_ranks(self.global_state, fabric.world_size):
+            raise RuntimeError("the ranks built different initial adapters: seed the module the same on every rank")
+        self.client_states = {cid: self._new_client_state(cid) for cid in data.client_ids()}
+        resume_from = checkpoint.resolve(ckpt_path, self.checkpoint_dir)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+
+    def save_checkpoint(self) -> None:
+        """The run's state after round ``round_idx`` (written by rank 0; every rank holds the same state)."""
+        if self.fabric.is_global_zero:
+            checkpoint.save(self.checkpoint_dir, self.round_idx, self.state_dict(), self.keep_checkpoints)
 
     def _run_round_with_retries(self, r: int, bar: Progress) -> dict[str, float]:
         """A round that misses ``min_clients`` is retried from the same client states, then stops the run."""
@@ -204,32 +229,21 @@ class FederatedTrainer:
         client_ids = self.selector.select(r, self.data.client_ids())
         fabric.call("on_clients_selected", trainer=self, round_idx=r, client_ids=client_ids)
         metrics: dict[str, float] = {}
-        updates: list[ClientUpdate] = []
         round_start, self._overhead = time.perf_counter(), 0.0
-        task = bar.add_task(f"round {r} clients", total=len(client_ids))
-        for cid in client_ids:
-            try:
-                update = self._client_round(r, cid)
-            except Exception as err:  # a client failing must not take the federation down
-                log.warning("round %d: client %d dropped: %s", r, cid, err, exc_info=not isinstance(err, ClientFault))
-                self.console.print(f"[yellow]round {r}: client {cid} dropped: {err}[/]")
-                metrics[f"faults/client{cid}"] = 1.0
+        results = self._train_clients(r, client_ids, bar)
+        updates: list[ClientUpdate] = []
+        for cid, result in results:  # on every rank, in the round's client order
+            if isinstance(result, ClientUpdate):
+                fabric.call("on_client_end", trainer=self, round_idx=r, client_id=cid, update=result)
+                updates.append(result)
             else:
-                fabric.call("on_client_end", trainer=self, round_idx=r, client_id=cid, update=update)
-                updates.append(update)
-            bar.update(task, advance=1)
-        bar.remove_task(task)
+                self.console.print(f"[yellow]round {r}: client {cid} dropped: {result}[/]")
+                metrics[f"faults/client{cid}"] = 1.0
         metrics["faults/dropped"] = float(len(client_ids) - len(updates))
         if len(updates) < min(self.min_clients, len(client_ids)):
             raise _TooFewClients(f"{len(updates)} of {len(client_ids)} clients replied, min_clients={self.min_clients}")
         if self.aggregation is not None:
-            fabric.call("on_before_aggregate", trainer=self, round_idx=r, updates=updates)
-            agg_start = time.perf_counter()
-            self.global_state = self.aggregation.aggregate(self.global_state, updates)
-            metrics["timing/aggregation"] = time.perf_counter() - agg_start
-            self._overhead += metrics["timing/aggregation"]
-            metrics.update(getattr(self.aggregation, "metrics", dict)())
-            fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
+            metrics.update(self.aggregate(r, updates))
         for update in updates:  # after on_before_aggregate, which may add metrics (e.g. aggregation weights)
             metrics.update({f"client{update.client_id}/{k}": v for k, v in update.metrics.items()})
         # Swap, channel and aggregation time as a share of the round's training (evaluation excluded).
@@ -242,7 +256,50 @@ class FederatedTrainer:
             metrics.update(self._evaluate(r))
         return metrics
 
-    def _client_round(self, r: int, cid: int) -> ClientUpdate:
+    def _train_clients(self, r: int, client_ids: list[int], bar: Progress) -> list[tuple[int, ClientUpdate | str]]:
+        """Run this rank's share of the round's clients; every rank gets every result (update or error message).
+
+        With several ranks, the changed client states and the clients' ledger rows are gathered too, so that all
+        ranks hold the same run state after the round.
+        """
+        rank, world = self.fabric.global_rank, self.fabric.world_size
+        mine = ranks.shard(client_ids, rank, world)
+        results: dict[int, ClientUpdate | str] = {}
+        task = bar.add_task(f"round {r} clients", total=len(mine))
+        for cid in mine:
+            try:
+                results[cid] = self.client_round(r, cid)
+            except Exception as err:  # a client failing must not take the federation down
+                log.warning("round %d: client %d dropped: %s", r, cid, err, exc_info=not isinstance(err, ClientFault))
+                results[cid] = str(err)
+            bar.update(task, advance=1)
+        bar.remove_task(task)
+        if world == 1:
+            return [(cid, results[cid]) for cid in client_ids]
+        gather_start = time.perf_counter()
+        states = {cid: self.client_states[cid] for cid in mine}
+        rows = [row for row in self.comm.ledger() if row["round"] == r and row["client"] in states]
+        gathered = ranks.all_gather_objects((results, states, rows), world)
+        for other, (_, their_states, their_rows) in enumerate(gathered):
+            if other != rank:
+                self.client_states.update(their_states)
+                self.comm.add_rows(their_rows)
+        self._overhead += time.perf_counter() - gather_start
+        return ranks.in_client_order(client_ids, [part[0] for part in gathered])
+
+    def aggregate(self, r: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        """The server's step: ``on_before_aggregate`` (it may set weights), the aggregator, ``on_after_aggregate``."""
+        fabric, metrics = self.fabric, {}
+        fabric.call("on_before_aggregate", trainer=self, round_idx=r, updates=updates)
+        agg_start = time.perf_counter()
+        self.global_state = self.aggregation.aggregate(self.global_state, updates)
+        metrics["timing/aggregation"] = time.perf_counter() - agg_start
+        self._overhead += metrics["timing/aggregation"]
+        metrics.update(getattr(self.aggregation, "metrics", dict)())
+        fabric.call("on_after_aggregate", trainer=self, round_idx=r, global_state=self.global_state)
+        return metrics
+
+    def client_round(self, r: int, cid: int) -> ClientUpdate:
         """Swap client ``cid``'s private state in, run its local steps, swap it out, send its update up.
 
         The client's stored state changes only when the round succeeds, so a failed round leaves it as it was.
@@ -308,12 +365,15 @@ class FederatedTrainer:
     def _evaluate(self, r: int) -> dict[str, float]:
         """Each client's held-out accuracy and reward under the adapter it would deploy (global, or its own)."""
         metrics: dict[str, float] = {}
-        for cid in self.data.client_ids():
+        world = self.fabric.world_size
+        for cid in ranks.shard(self.data.client_ids(), self.fabric.global_rank, world):  # greedy: any rank, same result
             own = self.client_states[cid].adapter
             adapter = own if self.aggregation is None and own is not None else self.global_state
             self.module.load_trainable_state(adapter)
             result = evaluate(self.module, self.rollout, self.data.eval_examples(cid), self.eval_batch_size)
             metrics.update({f"client{cid}/eval/{k}": v for k, v in result.items()})
+        if world > 1:
+            metrics = {k: v for part in ranks.all_gather_objects(metrics, world) for k, v in part.items()}
         for key in ("accuracy", "reward"):
             metrics[f"eval/{key}_mean"] = _mean(v for k, v in metrics.items() if k.endswith(f"/eval/{key}"))
         self.fabric.call("on_evaluate_end", trainer=self, round_idx=r, metrics=metrics)

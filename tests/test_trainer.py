@@ -37,13 +37,15 @@ def test_fit_runs_hooks_in_order_aggregates_by_fedavg_and_writes_outputs(tmp_pat
     recorder = Recorder()
     trainer = _trainer(tmp_path, num_rounds=1, callbacks=[recorder], eval_before_training=False)
     trainer.fit(make_module(), make_data())
-    client = ["on_client_start", "on_local_step_end", "on_client_end"]
+    client = ["on_client_start", "on_local_step_end"]
     assert recorder.calls == [
         "on_fit_start",
         "on_round_start",
         "on_clients_selected",
         *client,
         *client,
+        "on_client_end",
+        "on_client_end",
         "on_before_aggregate",
         "on_after_aggregate",
         "on_evaluate_end",
@@ -69,7 +71,7 @@ def test_state_swap_leaves_other_clients_state_untouched(tmp_path):
     trainer.fit(make_module(), make_data())
     a_before = copy.deepcopy(trainer.client_states[0])
     b_adapter_before = copy.deepcopy(trainer.client_states[1].adapter)
-    trainer._client_round(2, 1)  # client B trains another round on the shared resident model
+    trainer.client_round(2, 1)  # client B trains another round on the shared resident model
     a_after = trainer.client_states[0]
     assert all(torch.equal(a_after.adapter[k], v) for k, v in a_before.adapter.items())
     assert torch.equal(a_after.rng, a_before.rng) and a_after.sampler == a_before.sampler

@@ -23,7 +23,9 @@ HOOKS: tuple[str, ...] = (
     "on_round_end",  # trainer, round_idx, metrics
     "on_fit_end",  # trainer
 )
-"""Every hook, in firing order within a run (client hooks repeat per selected client)."""
+"""Every hook, in firing order within a run. ``on_client_start`` and ``on_local_step_end`` fire while a client trains,
+on the rank that runs it; ``on_client_end`` fires once every selected client has finished, on every rank, per
+successful client in the round's order (so state a callback keeps from it is the same on all ranks)."""
 
 
 class Callback:

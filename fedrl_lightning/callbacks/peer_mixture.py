@@ -125,18 +125,25 @@ class PeerMixtureReference(Callback):
             trainer.comm.record(round_idx, client_id, "down", _FLOAT_BYTES * len(peers))
         mixed = [p for p, wp in zip(peers, w.tolist()) if wp > 0 and p != client_id]
         if self.exchange == "snapshot_exchange":
-            held = self.seen.setdefault(client_id, {})
-            new = [p for p in mixed if held.get(p) != self.versions[p]]
+            new = self._not_yet_held(client_id, mixed)
             if new:
                 payload = {f"peer{p}/{k}": v for p in new for k, v in self.snapshots[p].items()}
                 trainer.comm.send_down(round_idx, client_id, payload)
-                held.update({p: self.versions[p] for p in new})
+                self._hold(client_id, new)
             transport = None
         else:
             transport = self._logit_transport(trainer, round_idx, client_id, peers)
         module.reference_policy = MixtureReference([self.snapshots[p] for p in peers], w, self.space, transport)
         for p, wp in zip(peers, w.tolist()):
             module.tracker.update(f"peers/weight_{'self' if p == client_id else f'client{p}'}", wp)
+
+    def _not_yet_held(self, client_id: int, peers: list[int]) -> list[int]:
+        """The peers whose current snapshot ``client_id`` has not downloaded yet."""
+        held = self.seen.get(client_id, {})
+        return [p for p in peers if held.get(p) != self.versions[p]]
+
+    def _hold(self, client_id: int, peers: list[int]) -> None:
+        self.seen.setdefault(client_id, {}).update({p: self.versions[p] for p in peers})
 
     def _logit_transport(self, trainer: Any, round_idx: int, client_id: int, peers: list[int]) -> Any:
         def transport(index: int, logits: Tensor, sequences: dict[str, Tensor]) -> Tensor:
@@ -150,6 +157,11 @@ class PeerMixtureReference(Callback):
 
     def on_client_end(self, trainer: Any, round_idx: int, client_id: int, update: Any) -> None:
         trainer.module.reference_policy = None
+        if trainer.aggregation is None and self.exchange == "snapshot_exchange":
+            # Again here (idempotent): on_client_start ran on the client's rank only, this hook runs on every rank.
+            peers = sorted(self.snapshots)
+            w = self.weights(peers, client_id, self.alpha(round_idx, trainer.num_rounds))
+            self._hold(client_id, [p for p, wp in zip(peers, w.tolist()) if wp > 0 and p != client_id])
         steps = trainer.local_steps
         score = update.metrics.get(self.score_metric, update.metrics.get("reward", 0.0)) * steps
         snapshot = update.state
