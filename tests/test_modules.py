@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_module
 from fedrl_lightning.client import local_step
+from fedrl_lightning.modules.policy import prompt_groups
 from fedrl_lightning.rollout import completion_masks
 from fedrl_lightning.rollout.hf import HFRollout
 
@@ -151,3 +152,40 @@ def test_sampler_log_probs_weight_the_loss_by_the_capped_importance_ratio():
     assert module.training_step(batch).item() == 0.0
     module.is_correction = False
     torch.testing.assert_close(module.training_step(batch), plain)
+
+
+def test_prompt_groups_finds_runs_of_identical_prompts():
+    ids = torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3], [2, 3], [0, 1]])
+    mask = torch.ones_like(ids)
+    first, inverse = prompt_groups(ids, mask)
+    assert first.tolist() == [0, 2, 5]
+    assert inverse.tolist() == [0, 0, 1, 1, 1, 2]
+    assert prompt_groups(ids[[0, 2, 5]], mask[:3]) is None
+    mask[1, 0] = 0  # same ids, other padding: not the same prompt
+    assert prompt_groups(ids[:2], mask[:2]) is None
+
+
+def test_shared_prompt_prefix_gives_the_unshared_log_probs_hidden_states_and_gradients():
+    module = make_module(max_completion_length=5)
+    _perturb_lora_b(module)
+    prompts = [p["prompt"] for p in PROMPTS] + [[{"role": "user", "content": "A much longer question: 17 + 25?"}]]
+    torch.manual_seed(0)
+    rollout = HFRollout().generate(module, prompts, module.sampling)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    assert (rollout.prompt_mask == 0).any(), "the batch should exercise left padding"
+    assert prompt_groups(rollout.prompt_ids, rollout.prompt_mask)[0].numel() == len(prompts)
+    results = {}
+    for share in (False, True):
+        module.share_prompt_prefix = share
+        module.zero_grad(set_to_none=True)
+        log_probs, _, hidden = module.completion_forward(*args, temperature=0.7, with_hidden=True)
+        ((log_probs * rollout.completion_mask).sum() + hidden.square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in module.trainable_parameters().items()}
+        results[share] = (log_probs.detach(), hidden.detach(), grads)
+    (lp0, h0, g0), (lp1, h1, g1) = results[False], results[True]
+    m = rollout.completion_mask.bool()
+    torch.testing.assert_close(lp1[m], lp0[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=1e-5)
+    assert g0.keys() == g1.keys() and any(g.abs().sum() > 0 for g in g0.values())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)

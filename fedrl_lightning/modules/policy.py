@@ -59,6 +59,10 @@ class PolicyModule(L.LightningModule):
         adam_betas: AdamW betas.
         max_grad_norm: clip the gradient norm to this value before each step; 0 disables clipping.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        share_prompt_prefix: score a group of completions of one prompt from one forward pass over that prompt (its
+            KV cache is shared by the group, gradients included), instead of repeating the prompt in every row:
+            GRPO's G completions per prompt then cost one prompt pass, not G. Off with gradient checkpointing
+            (which disables the cache).
         seed: seed of the LoRA initialisation (and of the tiny random model).
     """
 
@@ -77,6 +81,7 @@ class PolicyModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         max_grad_norm: float = 1.0,
         gradient_checkpointing: bool = False,
+        share_prompt_prefix: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -85,6 +90,7 @@ class PolicyModule(L.LightningModule):
         self.model_name, self.cache_dir = model, cache_dir
         self.learning_rate, self.weight_decay, self.adam_betas = learning_rate, weight_decay, tuple(adam_betas)
         self.max_grad_norm = max_grad_norm
+        self.share_prompt_prefix = share_prompt_prefix and not gradient_checkpointing
         base, self.tokenizer = load_causal_lm(
             model, cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, seed=seed
         )
@@ -215,6 +221,11 @@ class PolicyModule(L.LightningModule):
         # Positions as generate() assigns them under left padding.
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
         c = completion_ids.shape[1]
+        groups = prompt_groups(prompt_ids, prompt_mask) if self.share_prompt_prefix else None
+        if groups is not None:
+            return self._shared_prefix_logits(
+                input_ids, attention_mask, position_ids, prompt_ids.shape[1], groups, with_hidden
+            )
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -224,6 +235,44 @@ class PolicyModule(L.LightningModule):
         )
         hidden = out.hidden_states[-1][:, -c - 1 : -1] if with_hidden else None
         return out.logits[:, :-1], hidden
+
+    def _shared_prefix_logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        p: int,
+        groups: tuple[Tensor, Tensor],
+        with_hidden: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``_completion_logits`` with one prompt pass per group: the prompt's KV cache is gathered to every row of
+        its group (an autograd op, so each row's gradient flows back into the one prompt pass) and the completions
+        attend to it. The last completion token predicts nothing and is not fed."""
+        first, inverse = groups
+        prefix = self.model(
+            input_ids=input_ids[first, :p],
+            attention_mask=attention_mask[first, :p],
+            position_ids=position_ids[first, :p],
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=with_hidden,
+        )
+        logits, hidden = [prefix.logits[inverse]], [prefix.hidden_states[-1][inverse, -1:]] if with_hidden else None
+        if input_ids.shape[1] - p > 1:
+            cache = prefix.past_key_values
+            cache.reorder_cache(inverse)
+            out = self.model(
+                input_ids=input_ids[:, p:-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, p:-1],
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=with_hidden,
+            )
+            logits.append(out.logits)
+            if hidden is not None:
+                hidden.append(out.hidden_states[-1])
+        return torch.cat(logits, dim=1), None if hidden is None else torch.cat(hidden, dim=1)
 
     @torch.no_grad()
     def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
@@ -265,3 +314,22 @@ class PolicyModule(L.LightningModule):
         merged = merged_src.merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
+
+
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Runs of consecutive identical prompts (a GRPO batch holds each prompt's G completions in a row).
+
+    Args:
+        prompt_ids: (B, P).
+        prompt_mask: (B, P).
+
+    Returns:
+        (first row of each run (U,), run of each row (B,)), or None when no two consecutive rows share a prompt.
+    """
+    if prompt_ids.shape[0] < 2:
+        return None
+    same = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(dim=1)
+    if not bool(same.any()):
+        return None
+    new_run = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
+    return new_run.nonzero().squeeze(1), new_run.long().cumsum(0) - 1

@@ -1,0 +1,338 @@
+"""Our GRPO step against TRL's ``GRPOTrainer`` step on the same work, A/B in one process.
+
+    make bench-trl           # installs TRL into .venv-trl (never a project dependency), then runs this
+    PYTHONPATH=.venv-trl .venv/bin/python benchmarks/vs_trl.py --steps 4 --backend hf
+
+Same model (the embedded SmolLM2-135M, float32), LoRA (r=16, alpha=32, all linear layers), prompts (reasoning-gym
+``basic_arithmetic``), reward (``accuracy_reward``), ``num_generations``, completions per step, temperature,
+``max_completion_length``, loss (``dapo``, beta 0, one iteration) and optimizer (AdamW, constant lr, clip 1.0) on
+both sides. TRL trains through ``trainer.train()``; a ``TrainerCallback`` times each of its steps (generation
+included: TRL generates inside ``training_step``) and, right after each, runs and times one of our steps, so the
+two alternate under the same machine load. The first ``warmup`` steps of each (engine start, allocator warm-up)
+are not counted.
+
+Loss check: at one TRL step its ``_compute_loss`` inputs are captured; our module, given TRL's adapter weights at
+that moment, computes per-token log-probs and the loss of the same prompt/completion ids and advantages. Both
+differences are printed and must be within ``tolerance``.
+
+Our per-phase breakdown comes from the module's timers (generate, reward, old/ref log-probs, forward/backward,
+optimizer) plus the federated pieces measured here on the same adapter: a client state swap (adapter + AdamW
+state out and in), a FedAvg aggregation of ``clients`` adapters, and the vLLM weight sync (inside generate).
+Writes ``benchmarks/results/vs_trl.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse import CLI
+from rich.console import Console
+from rich.table import Table
+
+from fedrl_lightning.aggregation import ClientUpdate, FedAvg
+from fedrl_lightning.client import local_step
+from fedrl_lightning.data import FederatedData
+from fedrl_lightning.models import embedded_model_dir
+from fedrl_lightning.modules import GRPOModule
+from fedrl_lightning.modules.grpo import GRPOBatch
+from fedrl_lightning.rewards import accuracy_reward
+from fedrl_lightning.rollout import Rollout
+from fedrl_lightning.rollout.hf import HFRollout
+
+PHASES = ("generate", "reward", "old_ref_log_probs", "forward_backward", "optimizer")
+TASK_KWARGS = {"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}}
+
+
+def _trl() -> Any:
+    try:
+        import trl
+    except ImportError as err:  # the benchmark's own environment, not the project's
+        raise SystemExit("TRL is not importable: run `make bench-trl` (installs it into .venv-trl)") from err
+    return trl
+
+
+def _our_backend(name: str) -> tuple[Any, Any]:
+    """(rollout backend, weight sync or None)."""
+    if name == "hf":
+        return HFRollout(), None
+    from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
+    from fedrl_lightning.rollout.vllm import VLLMRollout
+
+    backend = VLLMRollout(enable_lora=False)
+    return backend, VLLMWeightSync(method="merge").attach(backend)
+
+
+def _peft_suffix(name: str) -> str:
+    """A PEFT parameter name without its wrapper prefixes (ours sits under ``model.``, TRL's is bare)."""
+    return name.split("base_model.model.", 1)[-1]
+
+
+def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl_loss: float, trl_logps: Any) -> dict:
+    """Our log-probs and loss on TRL's captured inputs, with TRL's adapter weights copied into our policy."""
+    keep = module.trainable_state()
+    theirs = {_peft_suffix(n): p.detach() for n, p in trl_model.named_parameters() if "lora_" in n}
+    module.load_trainable_state({n: theirs[_peft_suffix(n)] for n in keep})
+    try:
+        mask = inputs["completion_mask"]
+        rollout = Rollout(
+            inputs["prompt_ids"],
+            inputs["prompt_mask"],
+            inputs["completion_ids"],
+            mask,
+            torch.zeros(len(mask), dtype=torch.bool),
+            [""] * len(mask),
+        )
+        batch = GRPOBatch(rollout, inputs["advantages"].view(-1), mask, None, None, float(mask.sum()))
+        with torch.no_grad():
+            ours_logps, _ = module.completion_log_probs(
+                *(inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")),
+                temperature=module.sampling.temperature,
+            )
+            ours_loss = float(module.training_step(batch))
+    finally:
+        module.load_trainable_state(keep)
+        module.tracker.compute_and_reset()
+    m = mask.bool()
+    return {
+        "trl_loss": trl_loss,
+        "our_loss": ours_loss,
+        "loss_abs_diff": abs(ours_loss - trl_loss),
+        "log_prob_max_abs_diff": float((ours_logps[m] - trl_logps[m]).abs().max()),
+        "tokens": int(m.sum()),
+    }
+
+
+def _federated_overheads(module: GRPOModule, optimizer: Any, clients: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one client state swap and one FedAvg of ``clients`` adapters on this adapter."""
+    state = module.trainable_state()
+    opt_state = optimizer.state_dict()
+    swaps, aggs = [], []
+    agg = FedAvg()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = (module.trainable_state(), optimizer.state_dict())  # the leaving client's state, copied out
+        module.load_trainable_state(state)
+        optimizer.load_state_dict(opt_state)
+        swaps.append(time.perf_counter() - start)
+        updates = [ClientUpdate(client_id=i, state=out[0], num_samples=1) for i in range(clients)]
+        start = time.perf_counter()
+        agg.aggregate(state, updates)
+        aggs.append(time.perf_counter() - start)
+    return {"state_swap": statistics.median(swaps), "aggregation": statistics.median(aggs)}
+
+
+def main(
+    steps: int = 6,
+    warmup: int = 1,
+    num_generations: int = 8,
+    prompts_per_step: int = 1,
+    max_completion_length: int = 48,
+    temperature: float = 0.7,
+    learning_rate: float = 1e-5,
+    lora_r: int = 16,
+    backend: Literal["vllm", "hf"] = "vllm",
+    clients: int = 4,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+    out: str = "benchmarks/results/vs_trl.json",
+) -> dict[str, Any]:
+    """Alternate ``warmup + steps`` TRL steps with as many of ours; print medians, ratio, phases, the loss check."""
+    trl = _trl()
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    L.seed_everything(seed, verbose=False)
+    total = warmup + steps
+    n = total * prompts_per_step
+    data = FederatedData(tasks=["basic_arithmetic"], num_clients=1, train_size=n, eval_size=1, task_kwargs=TASK_KWARGS)
+    data.setup("fit")
+    examples = data.train_examples(0)
+    model_dir = str(embedded_model_dir())
+
+    module = GRPOModule(
+        model="embedded",
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
+        num_generations=num_generations,
+        prompts_per_step=prompts_per_step,
+        micro_batch_size=num_generations * prompts_per_step,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        learning_rate=learning_rate,
+        loss_type="dapo",
+        reward_funcs=[accuracy_reward],
+        accuracy_func=accuracy_reward,
+    )
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    module, optimizer = fabric.setup(module, module.configure_optimizers())
+    ours_backend, sync = _our_backend(backend)
+
+    args = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="vs_trl_"),
+        use_cpu=True,
+        max_steps=total,
+        per_device_train_batch_size=num_generations * prompts_per_step,
+        gradient_accumulation_steps=1,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        loss_type="dapo",
+        beta=0.0,
+        num_iterations=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=seed,
+        bf16=False,
+        shuffle_dataset=False,
+    )
+    dataset = Dataset.from_list([{"prompt": ex["prompt"], "answer": ex["answer"]} for ex in examples])
+    trl_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    lora = LoraConfig(
+        r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = trl.GRPOTrainer(
+        model=trl_model,
+        reward_funcs=[accuracy_reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        peft_config=lora,
+    )
+
+    rows: list[dict[str, Any]] = []
+    check: dict[str, Any] = {}
+    original = trainer._compute_loss
+
+    def capturing_compute_loss(model: Any, inputs: dict[str, Any]) -> Any:
+        loss = original(model, inputs)
+        if not check and len(rows) >= warmup:
+            # Seeded advantages instead of the step's own: a batch whose rewards are all equal has zero advantages,
+            # and a zero loss would check nothing.
+            gen = torch.Generator().manual_seed(seed)
+            probe = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            probe["advantages"] = torch.randn(probe["advantages"].shape, generator=gen)
+            with torch.no_grad():
+                ids = torch.cat([probe["prompt_ids"], probe["completion_ids"]], dim=1)
+                att = torch.cat([probe["prompt_mask"], probe["completion_mask"]], dim=1)
+                logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                    model, ids, att, probe["completion_ids"].size(1)
+                )
+                trl_loss = float(original(model, probe))
+            check.update(_check_loss(module, trainer.model, probe, trl_loss, logps))
+        return loss
+
+    trainer._compute_loss = capturing_compute_loss
+
+    class AlternateWithOurs(TrainerCallback):
+        start = 0.0
+
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            trl_s = time.perf_counter() - self.start
+            i = len(rows)
+            batch = examples[i * prompts_per_step : (i + 1) * prompts_per_step]
+            torch.manual_seed(seed + i)
+            start = time.perf_counter()
+            tokens = local_step(fabric, module, optimizer, ours_backend, batch)
+            ours_s = time.perf_counter() - start
+            m = module.tracker.compute_and_reset()
+            row = {"trl_s": trl_s, "ours_s": ours_s, "ours_tokens": tokens, **{p: m[f"timing/{p}"] for p in PHASES}}
+            if sync is not None and sync.last:
+                row["sync"] = sync.last["sync/seconds"]
+            rows.append(row)
+            Console().print(f"step {i}: TRL {trl_s:.2f} s, ours {ours_s:.2f} s")
+
+    trainer.add_callback(AlternateWithOurs())
+    trainer.train()
+    # TRL logs its completion lengths once per step (logging_steps=1).
+    trl_tokens = [
+        h["completions/mean_length"] * num_generations * prompts_per_step
+        for h in trainer.state.log_history
+        if "completions/mean_length" in h
+    ]
+
+    timed = rows[warmup:]
+    med = {k: statistics.median(r.get(k, 0.0) for r in timed) for k in ("trl_s", "ours_s", "ours_tokens", *PHASES)}
+    med["sync"] = statistics.median(r.get("sync", 0.0) for r in timed)
+    trl_tok = statistics.median(trl_tokens[warmup:total]) if len(trl_tokens) > warmup else float("nan")
+    med.update(_federated_overheads(module, optimizer, clients))
+    result = {
+        "config": {
+            "steps": steps,
+            "warmup": warmup,
+            "num_generations": num_generations,
+            "prompts_per_step": prompts_per_step,
+            "max_completion_length": max_completion_length,
+            "temperature": temperature,
+            "lora_r": lora_r,
+            "backend": backend,
+            "trl": trl.__version__,
+        },
+        "machine": {"processor": platform.processor(), "threads": torch.get_num_threads()},
+        "median": med,
+        "speedup": med["trl_s"] / med["ours_s"],
+        "trl_completion_tokens_per_step": trl_tok,
+        "loss_check": check,
+        "steps": rows,
+    }
+    _print(result, tolerance)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    if not check or check["loss_abs_diff"] > tolerance or check["log_prob_max_abs_diff"] > tolerance:
+        raise SystemExit(f"loss check failed (tolerance {tolerance}): {check}")
+    return result
+
+
+def _print(result: dict[str, Any], tolerance: float) -> None:
+    med, cfg = result["median"], result["config"]
+    console = Console(width=140)
+    work = (
+        f"{cfg['prompts_per_step']} prompt(s) x G={cfg['num_generations']}, {cfg['max_completion_length']} new tokens"
+    )
+    table = Table(title=f"GRPO step, SmolLM2-135M LoRA r={cfg['lora_r']}, {work} (TRL {cfg['trl']})")
+    for col in ("", "median s/step", "completion tokens/s", "ratio"):
+        table.add_column(col, justify="right")
+    trl_tps = result["trl_completion_tokens_per_step"] / med["trl_s"]
+    table.add_row("TRL GRPOTrainer (HF generate)", f"{med['trl_s']:.2f}", f"{trl_tps:.1f}", "1.00x")
+    our_tps = med["ours_tokens"] / med["ours_s"]
+    table.add_row(
+        f"fedrl-lightning ({cfg['backend']})", f"{med['ours_s']:.2f}", f"{our_tps:.1f}", f"{result['speedup']:.2f}x"
+    )
+    console.print(table)
+    phases = Table(title="our step by phase (median s)")
+    phases.add_column("phase")
+    phases.add_column("s", justify="right")
+    phases.add_column("share", justify="right")
+    names = (*PHASES, "sync", "state_swap", "aggregation")
+    for name in names:
+        note = " (inside generate)" if name == "sync" else ""
+        phases.add_row(name + note, f"{med[name]:.3f}", f"{med[name] / med['ours_s']:.1%}")
+    console.print(phases)
+    c = result["loss_check"]
+    if c:
+        console.print(
+            f"loss on TRL's inputs: TRL {c['trl_loss']:.6f}, ours {c['our_loss']:.6f} "
+            f"(|diff| {c['loss_abs_diff']:.2e}); "
+            f"per-token log-probs max |diff| {c['log_prob_max_abs_diff']:.2e} over {c['tokens']} tokens "
+            f"(tolerance {tolerance})"
+        )
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
