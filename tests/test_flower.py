@@ -1,0 +1,323 @@
+"""The Flower adapter for real: a simulation and a loopback deployment, each against an in-process run.
+
+Tolerance: the Flower runs must end with the in-process run's global adapter within ATOL = 1e-6 (absolute, per
+element). Both sides run the same float32 kernels with one thread per process, in the same client order; the wire is
+float32, lossless for this float32 model; the server aggregates in float64 as the in-process trainer does. So the
+adapters are expected to be bitwise equal (measured: max |diff| = 0.0); the 1e-6 absorbs kernel differences between
+processes while staying far below what a round changes (asserted > 1e-4), so a wrong client state, weight or order
+still fails. Metrics other than timings and byte counts (NumPy vs safetensors framing) must match to 1e-6 relative.
+
+Runtime measured on 2 CPU cores shared with other jobs: 72 s for the simulation (two Ray start-ups), 80 s for the
+deployment (a fresh ``flwr-clientapp`` process per message, each importing torch and the project).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import IO
+
+import pytest
+import torch
+
+from fedrl_lightning import checkpoint
+from fedrl_lightning.aggregation import ClientUpdate
+from fedrl_lightning.cli import FedRLCLI
+from fedrl_lightning.client import ClientState
+
+# No usage telemetry from tests; flwr reads this once, when it is first imported (here, or by a child process).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+HAS_FLWR = importlib.util.find_spec("flwr") is not None
+pytestmark = [pytest.mark.flower, pytest.mark.skipif(not HAS_FLWR, reason="Flower is not installed (.[flower])")]
+if HAS_FLWR:
+    from flwr.app import ArrayRecord
+
+    from fedrl_lightning.flower import records
+    from fedrl_lightning.flower.settings import FlowerSettings, resolve_config
+    from fedrl_lightning.flower.state import ClientStateStore
+
+ATOL = 1e-6
+CHANGED = 1e-4  # a round must move the adapter by more than this, or the comparison proves nothing
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+APP = ROOT / "examples" / "flower"  # the Flower app project (pyproject.toml with the components)
+BIN = Path(sys.executable).parent
+# Rewards that vary within a group for a random model (tiny.yaml's accuracy reward is always 0: nothing would train).
+MODEL = """
+model:
+  init_args:
+    learning_rate: 1e-2
+    reward_funcs: [conftest.length_reward]
+    reward_weights: [1.0]
+"""
+SCAFFOLD_FGRPO = """
+trainer:
+  aggregation:
+    class_path: fedrl_lightning.aggregation.Scaffold
+  callbacks:
+    - class_path: fedrl_lightning.callbacks.adaptive_aggregation.RelativeGainWeighting
+  eval_before_training: false
+"""
+FEDADAM_SERVER_FGRPO = """
+trainer:
+  num_rounds: 1
+  aggregation:
+    class_path: fedrl_lightning.aggregation.FedAdam
+  callbacks:
+    - class_path: fedrl_lightning.callbacks.adaptive_aggregation.RelativeGainWeighting
+      init_args:
+        baseline_on_client: false
+  eval_before_training: false
+"""
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flower_env(monkeypatch):
+    """One thread here and in every process started from here, so kernels reduce in the same order everywhere."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # Ray workers and Flower's app processes import ``conftest.length_reward`` from the YAML.
+    paths = [str(ROOT / "tests"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_fragment(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fragment.yaml"
+    path.write_text(MODEL + text)
+    return path
+
+
+def cli_args(fragment: Path, out: Path) -> list[str]:
+    return ["-c", str(TINY), "-c", str(fragment), "--trainer.output_dir", str(out), "--trainer.progress", "false"]
+
+
+def in_process_run(fragment: Path, out: Path) -> dict:
+    """The reference: ``fedrl fit`` in this process; returns its last checkpoint."""
+    FedRLCLI(args=["fit", *cli_args(fragment, out)])
+    return checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+
+
+def initial_adapter(fragment: Path, out: Path) -> dict[str, torch.Tensor]:
+    return FedRLCLI(args=cli_args(fragment, out), run=False).model.trainable_state()
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def assert_same_run(flower: dict, reference: dict, initial: dict[str, torch.Tensor]) -> float:
+    """Same round, same adapter (within ATOL, and it did train), same metrics; returns the max difference."""
+    assert flower["round"] == reference["round"]
+    diff = max_diff(flower["global_state"], reference["global_state"])
+    assert diff <= ATOL, f"Flower and in-process adapters differ by {diff}"
+    assert max_diff(reference["global_state"], initial) > CHANGED, "the rounds did not change the adapter"
+    rows = {row["round"]: row for row in flower["history"]}
+    for ref_row in reference["history"]:
+        row = rows[ref_row["round"]]
+        for key, value in ref_row.items():
+            if "timing/" in key or key.startswith("comm/"):
+                continue
+            assert key in row, f"round {ref_row['round']}: {key} missing from the Flower run's metrics"
+            same = math.isclose(row[key], value, rel_tol=1e-6, abs_tol=1e-9) or (
+                math.isnan(row[key]) and math.isnan(value)
+            )
+            assert same, f"round {ref_row['round']}: {key} = {row[key]} on Flower, {value} in process"
+    return diff
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- pieces, no Flower run ---------------------------------------------------------------------------------------
+
+
+def test_records_cast_half_precision_to_float32_on_the_wire_and_back():
+    bf16 = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.randn(2).to(torch.bfloat16)}
+    record = records.to_record(bf16)
+    assert all(array.dtype == "float32" for array in record.values())
+    back = records.from_record(record, like=bf16)
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], bf16[k]) for k in bf16)
+    with pytest.raises(KeyError, match="missing"):
+        records.from_record(ArrayRecord({"a": torch.zeros(3, 4)}), like=bf16)
+
+    state = {"w": torch.randn(2, 2)}
+    update = ClientUpdate(
+        3, state, 4, 17, {"reward": 0.5}, extra={"task": "gcd", "accuracy": 0.25, "c": {"w": state["w"]}}
+    )
+    got = records.content_to_update(records.update_to_content(update), like=state)
+    assert (got.client_id, got.num_samples, got.num_tokens, got.metrics) == (3, 4, 17, {"reward": 0.5})
+    assert got.extra["task"] == "gcd" and got.extra["accuracy"] == 0.25 and torch.equal(got.extra["c"]["w"], state["w"])
+    assert torch.equal(got.state["w"], state["w"])
+    bad = replace(update, state={"w": torch.tensor([[math.nan, 0.0], [0.0, 0.0]])}, extra={})
+    with pytest.raises(ValueError, match="non-finite"):
+        records.content_to_update(records.update_to_content(bad), like=state)
+
+
+def test_settings_name_unknown_keys_and_find_configs_in_the_checkout(tmp_path):
+    with pytest.raises(ValueError, match="num-server-roundz"):
+        FlowerSettings.from_run_config({"num-server-roundz": 3})
+    settings = FlowerSettings.from_run_config(
+        {"config": "configs/tiny.yaml", "overrides": "--trainer.num_rounds 5"}, defaults={"ckpt-path": "none"}
+    )
+    assert settings.ckpt_path is None and settings.overrides == ("--trainer.num_rounds", "5")
+    assert settings.cli_args() == ["-c", str(TINY), "--trainer.num_rounds", "5"]
+    assert resolve_config(str(TINY)) == TINY
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        resolve_config(str(tmp_path / "nope.yaml"))
+
+
+def test_client_state_store_starts_a_round_from_the_state_saved_before_it(tmp_path):
+    store = ClientStateStore(tmp_path, client_id=1, keep=2)
+    assert store.load(before_round=1) is None  # never trained: the caller starts fresh
+    for r in (1, 2, 3):
+        store.save(r, ClientState(sampler={"cursor": r}, extra={"round": r}))
+    assert store.rounds() == [2, 3]  # keep=2
+    assert store.load(before_round=4).extra == {"round": 3}
+    assert store.load(before_round=3).extra == {"round": 2}  # a retried or repeated round 3
+    (store.directory / "round-000003" / "manifest.json").unlink()  # torn
+    assert store.load(before_round=4).extra == {"round": 2}
+    with pytest.raises(FileNotFoundError, match="no valid state before round 2"):
+        store.load(before_round=2)  # pruned: starting fresh would silently change the run
+
+
+# -- a Flower simulation -----------------------------------------------------------------------------------------
+
+
+def test_simulation_equals_the_in_process_run_and_a_restarted_server_resumes(tmp_path, flower_env):
+    """2 SuperNodes x 2 rounds of SCAFFOLD (client-side objective) with FGRPO weights (client-side baselines)."""
+    from flwr.simulation import run_simulation
+
+    from fedrl_lightning.flower.client_app import build_client_app
+    from fedrl_lightning.flower.server_app import build_server_app
+
+    fragment = write_fragment(tmp_path, SCAFFOLD_FGRPO)
+    out = tmp_path / "flower"
+    defaults = {
+        "config": f"{TINY} {fragment}",
+        "overrides": f"--trainer.output_dir {out}",
+        "node-wait-timeout": 60.0,
+        "round-timeout": 180.0,  # a hung client fails the round instead of blocking the test
+    }
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+
+    def simulate() -> dict:
+        run_simulation(build_server_app(defaults), build_client_app(defaults), num_supernodes=2, backend_config=backend)
+        return checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+
+    flower = simulate()
+    reference = in_process_run(fragment, tmp_path / "reference")
+    initial = initial_adapter(fragment, tmp_path / "initial")
+    diff = assert_same_run(flower, reference, initial)
+    assert all(f"client{i}/fgrpo/weight" in flower["history"][-1] for i in (0, 1))
+    assert set(flower["aggregation"]["c"]) == set(initial)  # SCAFFOLD's server control variate is checkpointed
+    print(f"simulation: max |Flower - in-process| = {diff}")
+
+    # The server dies after its clients finished round 2 but before it checkpointed the round: restart it.
+    shutil.rmtree(out / "checkpoints" / "round-000002")
+    state_files = {p: p.stat().st_mtime_ns for p in (out / "clients").glob("client*/round-*/state.pt")}
+    resumed = simulate()
+    assert_same_run(resumed, reference, initial)
+    for path, mtime in state_files.items():  # round 1 was not trained again; round 2 was, from round 1's states
+        assert (path.stat().st_mtime_ns == mtime) == ("round-000001" in str(path)), path
+
+
+# -- a deployment on loopback ------------------------------------------------------------------------------------
+
+
+def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a Flower process exited early (code {[p.poll() for p in procs]})")
+        try:
+            urllib.request.urlopen(url, timeout=1.0)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def test_deployment_superlink_and_two_supernodes_on_loopback_run_a_round(tmp_path, flower_env):
+    """A ``flower-superlink`` and 2 ``flower-supernode`` processes (--insecure, free ports); ``flwr run`` submits."""
+    fragment = write_fragment(tmp_path, FEDADAM_SERVER_FGRPO)
+    out = tmp_path / "flower"
+    port = free_port()
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "flwr-home").mkdir()
+    (tmp_path / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    run_config = tmp_path / "run.toml"
+    run_config.write_text(
+        f'config = "{TINY} {fragment}"\noverrides = "--trainer.output_dir {out}"\n'
+        "node-wait-timeout = 60.0\nround-timeout = 180.0\n"
+    )
+    procs: list[subprocess.Popen] = []
+    logs: list[IO[str]] = []
+
+    def start(name: str, command: str, *extra: str) -> None:
+        logs.append(open(tmp_path / f"{name}.log", "w"))
+        args = [*command.split(), *extra]
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                env=env,
+                cwd=tmp_path,
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    try:
+        # The app's code is installed here already: no `uv sync` (and no network for it).
+        start(
+            "superlink",
+            f"flower-superlink --insecure --host 127.0.0.1 --port {port} --disable-runtime-dependency-installation",
+        )
+        _wait_http(f"http://127.0.0.1:{port}/health", 60, procs)
+        for i in range(2):
+            command = f"flower-supernode --insecure --superlink 127.0.0.1:{port} --port {free_port()} --node-config"
+            start(f"supernode{i}", command, f"partition-id={i} num-partitions=2")
+        command = [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(run_config), "--stream"]
+        run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+    finally:
+        for proc in procs:  # each leads its own process group, with the app processes it started
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            proc.wait(timeout=30)
+        for handle in logs:
+            handle.close()
+    logs_text = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert run.returncode == 0, f"flwr run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{logs_text}"
+    assert (out / "checkpoints" / "round-000001").is_dir(), logs_text
+    flower = checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+    reference = in_process_run(fragment, tmp_path / "reference")
+    diff = assert_same_run(flower, reference, initial_adapter(fragment, tmp_path / "initial"))
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (out / "clients").iterdir()) == ["client0", "client1"]  # state on the clients' side
+    assert {"client0/eval/accuracy", "client1/eval/accuracy"} <= flower["history"][-1].keys()
+    print(f"deployment: max |Flower - in-process| = {diff}")
