@@ -11,9 +11,10 @@ included: TRL generates inside ``training_step``) and, right after each, runs an
 two alternate under the same machine load. The first ``warmup`` steps of each (engine start, allocator warm-up)
 are not counted.
 
-Loss check: at one TRL step its ``_compute_loss`` inputs are captured; our module, given TRL's adapter weights at
-that moment, computes per-token log-probs and the loss of the same prompt/completion ids and advantages. Both
-differences are printed and must be within ``tolerance``.
+Loss check: at the first timed TRL step its ``_compute_loss`` inputs are captured (with seeded random advantages,
+so the loss is never trivially zero); our module, given TRL's adapter weights at that moment, computes per-token
+log-probs, the loss and its gradient on the adapter for the same prompt/completion ids and advantages. The
+log-prob and loss differences and the gradient's relative difference are printed and must be within ``tolerance``.
 
 Our per-phase breakdown comes from the module's timers (generate, reward, old/ref log-probs, forward/backward,
 optimizer) plus the federated pieces measured here on the same adapter: a client state swap (adapter + AdamW
@@ -75,8 +76,12 @@ def _peft_suffix(name: str) -> str:
     return name.split("base_model.model.", 1)[-1]
 
 
-def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl_loss: float, trl_logps: Any) -> dict:
-    """Our log-probs and loss on TRL's captured inputs, with TRL's adapter weights copied into our policy."""
+def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl: dict[str, Any]) -> dict:
+    """Our log-probs, loss and adapter gradient on TRL's captured inputs, with TRL's adapter weights copied in.
+
+    With one iteration the ratio is exactly 1, so the loss value alone barely depends on the model: the log-probs
+    and the gradient are what show the two compute the same thing.
+    """
     keep = module.trainable_state()
     theirs = {_peft_suffix(n): p.detach() for n, p in trl_model.named_parameters() if "lora_" in n}
     module.load_trainable_state({n: theirs[_peft_suffix(n)] for n in keep})
@@ -96,16 +101,22 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl_
                 *(inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")),
                 temperature=module.sampling.temperature,
             )
-            ours_loss = float(module.training_step(batch))
+        params = module.trainable_parameters()
+        loss = module.training_step(batch)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))  # leaves .grad untouched
     finally:
         module.load_trainable_state(keep)
         module.tracker.compute_and_reset()
+    ours_g = torch.cat([grads[n].flatten() for n in sorted(grads)])
+    trl_g = torch.cat([trl["grads"][_peft_suffix(n)].flatten() for n in sorted(grads)])
     m = mask.bool()
     return {
-        "trl_loss": trl_loss,
-        "our_loss": ours_loss,
-        "loss_abs_diff": abs(ours_loss - trl_loss),
-        "log_prob_max_abs_diff": float((ours_logps[m] - trl_logps[m]).abs().max()),
+        "trl_loss": trl["loss"],
+        "our_loss": float(loss.detach()),
+        "loss_abs_diff": abs(float(loss.detach()) - trl["loss"]),
+        "log_prob_max_abs_diff": float((ours_logps[m] - trl["log_probs"][m]).abs().max()),
+        "grad_rel_diff": float((ours_g - trl_g).norm() / trl_g.norm().clamp(min=1e-30)),
+        "grad_norm": float(trl_g.norm()),
         "tokens": int(m.sum()),
     }
 
@@ -231,8 +242,11 @@ def main(
                 logps, _, _ = trainer._get_per_token_logps_and_entropies(
                     model, ids, att, probe["completion_ids"].size(1)
                 )
-                trl_loss = float(original(model, probe))
-            check.update(_check_loss(module, trainer.model, probe, trl_loss, logps))
+            lora = {_peft_suffix(n): p for n, p in trainer.model.named_parameters() if p.requires_grad}
+            probe_loss = original(model, probe)
+            grads = dict(zip(lora, torch.autograd.grad(probe_loss, list(lora.values()))))
+            trl = {"loss": float(probe_loss.detach()), "log_probs": logps, "grads": grads}
+            check.update(_check_loss(module, trainer.model, probe, trl))
         return loss
 
     trainer._compute_loss = capturing_compute_loss
@@ -294,7 +308,7 @@ def main(
     _print(result, tolerance)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
-    if not check or check["loss_abs_diff"] > tolerance or check["log_prob_max_abs_diff"] > tolerance:
+    if not check or max(check["loss_abs_diff"], check["log_prob_max_abs_diff"], check["grad_rel_diff"]) > tolerance:
         raise SystemExit(f"loss check failed (tolerance {tolerance}): {check}")
     return result
 
@@ -329,7 +343,8 @@ def _print(result: dict[str, Any], tolerance: float) -> None:
         console.print(
             f"loss on TRL's inputs: TRL {c['trl_loss']:.6f}, ours {c['our_loss']:.6f} "
             f"(|diff| {c['loss_abs_diff']:.2e}); "
-            f"per-token log-probs max |diff| {c['log_prob_max_abs_diff']:.2e} over {c['tokens']} tokens "
+            f"per-token log-probs max |diff| {c['log_prob_max_abs_diff']:.2e} over {c['tokens']} tokens; "
+            f"adapter gradient relative difference {c['grad_rel_diff']:.2e} (|g| {c['grad_norm']:.3g}) "
             f"(tolerance {tolerance})"
         )
 
