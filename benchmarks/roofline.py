@@ -112,9 +112,12 @@ def _backend(name: str, model: str) -> Any:
     if name == "hf_lora":
         return HFRollout()
     if name == "vllm":
+        from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
         from fedrl_lightning.rollout.vllm import VLLMRollout
 
-        return VLLMRollout(sync="merge")
+        engine = VLLMRollout()  # one engine for every batch size; the adapter is merged into its weights
+        VLLMWeightSync(method="merge").attach(engine)
+        return engine
     raise ValueError(f"unknown backend {name!r}: hf, hf_lora or vllm")
 
 
@@ -137,11 +140,12 @@ def main(
     costs = model_costs(module)
     prompt_len = int(encode_prompts(module.tokenizer, [PROMPT])["attention_mask"].sum())
     context = prompt_len + new_tokens // 2  # the mean context over the decode
+    instances = {name: _backend(name, model) for name in backends}
     rows = []
     for b in batches:
         row: dict[str, Any] = {"batch": b, **roofline_tokens_per_s(costs, b, context, bandwidth, rate)}
         for name in backends:
-            row[name] = measure_decode(module, _backend(name, model), b, new_tokens, repeats)
+            row[name] = measure_decode(module, instances[name], b, new_tokens, repeats)
             row[name]["fraction"] = row[name]["tokens_per_s"] / row["tokens_per_s"]
         rows.append(row)
         Console().print(row)

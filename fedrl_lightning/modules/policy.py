@@ -245,7 +245,7 @@ class PolicyModule(L.LightningModule):
         groups: tuple[Tensor, Tensor],
         with_hidden: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """``_completion_logits`` with one prompt pass per group: the prompt's KV cache is gathered to every row of
+        """``_completion_logits`` with one prompt pass per group: the prompt's KV cache is repeated to every row of
         its group (an autograd op, so each row's gradient flows back into the one prompt pass) and the completions
         attend to it. The last completion token predicts nothing and is not fed."""
         first, inverse = groups
@@ -257,10 +257,13 @@ class PolicyModule(L.LightningModule):
             logits_to_keep=1,
             output_hidden_states=with_hidden,
         )
-        logits, hidden = [prefix.logits[inverse]], [prefix.hidden_states[-1][inverse, -1:]] if with_hidden else None
+        counts = torch.bincount(inverse).tolist()
+        logits = [_repeat_rows(prefix.logits, counts)]
+        hidden = [_repeat_rows(prefix.hidden_states[-1][:, -1:], counts)] if with_hidden else None
         if input_ids.shape[1] - p > 1:
             cache = prefix.past_key_values
-            cache.reorder_cache(inverse)
+            for layer in cache.layers:
+                layer.keys, layer.values = _repeat_rows(layer.keys, counts), _repeat_rows(layer.values, counts)
             out = self.model(
                 input_ids=input_ids[:, p:-1],
                 attention_mask=attention_mask[:, :-1],
@@ -314,6 +317,13 @@ class PolicyModule(L.LightningModule):
         merged = merged_src.merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
+
+
+def _repeat_rows(x: Tensor, counts: list[int]) -> Tensor:
+    """Row i of ``x`` repeated ``counts[i]`` times, in order. Expand + cat, not an index-select: the backward of an
+    expand is a plain sum, bitwise reproducible with several threads (index-select's scatter-add backward was not,
+    which broke bit-identical resume)."""
+    return torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(counts)])
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
