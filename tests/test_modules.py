@@ -157,9 +157,9 @@ def test_sampler_log_probs_weight_the_loss_by_the_capped_importance_ratio():
 def test_prompt_groups_finds_runs_of_identical_prompts():
     ids = torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3], [2, 3], [0, 1]])
     mask = torch.ones_like(ids)
-    first, inverse = prompt_groups(ids, mask)
+    first, counts = prompt_groups(ids, mask)
     assert first.tolist() == [0, 2, 5]
-    assert inverse.tolist() == [0, 0, 1, 1, 1, 2]
+    assert counts == [2, 3, 1]
     assert prompt_groups(ids[[0, 2, 5]], mask[:3]) is None
     mask[1, 0] = 0  # same ids, other padding: not the same prompt
     assert prompt_groups(ids[:2], mask[:2]) is None

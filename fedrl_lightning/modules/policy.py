@@ -242,13 +242,13 @@ class PolicyModule(L.LightningModule):
         attention_mask: Tensor,
         position_ids: Tensor,
         p: int,
-        groups: tuple[Tensor, Tensor],
+        groups: tuple[Tensor, list[int]],
         with_hidden: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """``_completion_logits`` with one prompt pass per group: the prompt's KV cache is repeated to every row of
         its group (an autograd op, so each row's gradient flows back into the one prompt pass) and the completions
         attend to it. The last completion token predicts nothing and is not fed."""
-        first, inverse = groups
+        first, counts = groups
         prefix = self.model(
             input_ids=input_ids[first, :p],
             attention_mask=attention_mask[first, :p],
@@ -257,7 +257,6 @@ class PolicyModule(L.LightningModule):
             logits_to_keep=1,
             output_hidden_states=with_hidden,
         )
-        counts = torch.bincount(inverse).tolist()
         logits = [_repeat_rows(prefix.logits, counts)]
         hidden = [_repeat_rows(prefix.hidden_states[-1][:, -1:], counts)] if with_hidden else None
         if input_ids.shape[1] - p > 1:
@@ -326,7 +325,7 @@ def _repeat_rows(x: Tensor, counts: list[int]) -> Tensor:
     return torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(counts)])
 
 
-def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, list[int]] | None:
     """Runs of consecutive identical prompts (a GRPO batch holds each prompt's G completions in a row).
 
     Args:
@@ -334,12 +333,12 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tens
         prompt_mask: (B, P).
 
     Returns:
-        (first row of each run (U,), run of each row (B,)), or None when no two consecutive rows share a prompt.
+        (first row of each run (U,), length of each run), or None when no two consecutive rows share a prompt.
     """
     if prompt_ids.shape[0] < 2:
         return None
     same = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(dim=1)
     if not bool(same.any()):
         return None
-    new_run = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same])
-    return new_run.nonzero().squeeze(1), new_run.long().cumsum(0) - 1
+    first = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same]).nonzero().squeeze(1)
+    return first, torch.diff(first, append=first.new_tensor([len(prompt_ids)])).tolist()
