@@ -116,14 +116,22 @@ class RelativeGainWeighting(Callback):
             if math.isnan(performance):
                 raise ValueError(f"client {update.client_id} reported no {self.signal!r} metric for FGRPO weighting")
             if self.baseline_on_client:
-                state = trainer.client_states[update.client_id].extra
-                g, state[_KEY] = self.client_gain(state.get(_KEY, {}), performance)
+                g = self.client_gain_in(trainer.client_states[update.client_id].extra, performance)
                 trainer.comm.record(round_idx, update.client_id, "up", 8)  # one float64 gain
             else:
                 g, self._server_history[update.client_id] = self.client_gain(
                     self._server_history.get(update.client_id, {}), performance
                 )
             gains.append(g)
+        self.apply_weights(updates, gains)
+
+    def client_gain_in(self, client_extra: dict[str, Any], performance: float) -> float:
+        """``client_gain`` against the baseline kept in a client's private state, which it updates in place."""
+        gain, client_extra[_KEY] = self.client_gain(client_extra.get(_KEY, {}), performance)
+        return gain
+
+    def apply_weights(self, updates: list[Any], gains: list[float]) -> None:
+        """Set each update's aggregation weight from the round's gains and log both in its metrics."""
         alphas = self.weights(gains, [float(u.num_samples) for u in updates])
         for update, g, a in zip(updates, gains, alphas):
             update.weight = a

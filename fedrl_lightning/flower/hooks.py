@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
-from fedrl_lightning.callbacks.adaptive_aggregation import _KEY as FGRPO_HISTORY
 from fedrl_lightning.callbacks.adaptive_aggregation import RelativeGainWeighting
 from fedrl_lightning.comm import Channel
 
@@ -83,8 +82,7 @@ def client_side(callbacks: Sequence[Any], client_extra: dict[str, Any], update: 
             performance = float(update.metrics.get(callback.signal, math.nan))
             if math.isnan(performance):
                 raise ValueError(f"client {update.client_id} has no {callback.signal!r} metric for FGRPO weighting")
-            gain, client_extra[FGRPO_HISTORY] = callback.client_gain(client_extra.get(FGRPO_HISTORY, {}), performance)
-            update.metrics[GAIN_METRIC] = gain
+            update.metrics[GAIN_METRIC] = callback.client_gain_in(client_extra, performance)
 
 
 def before_aggregate(callbacks: Sequence[Any], view: ServerView, round_idx: int, updates: list[ClientUpdate]) -> None:
@@ -100,9 +98,4 @@ def before_aggregate(callbacks: Sequence[Any], view: ServerView, round_idx: int,
         missing = [u.client_id for u in updates if GAIN_METRIC not in u.metrics]
         if missing:
             raise ValueError(f"clients {missing} sent no {GAIN_METRIC!r} for FGRPO weighting")
-        gains = [u.metrics[GAIN_METRIC] for u in updates]
-        for update, gain, alpha in zip(
-            updates, gains, callback.weights(gains, [float(u.num_samples) for u in updates])
-        ):
-            update.weight = alpha
-            update.metrics.update({GAIN_METRIC: gain, "fgrpo/weight": alpha})
+        callback.apply_weights(updates, [u.metrics[GAIN_METRIC] for u in updates])
