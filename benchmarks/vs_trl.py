@@ -24,6 +24,7 @@ Writes ``benchmarks/results/vs_trl.json``.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import statistics
@@ -98,13 +99,9 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl:
             [""] * len(mask),
         )
         batch = GRPOBatch(rollout, inputs["advantages"].view(-1), mask, None, None, float(mask.sum()))
-        with torch.no_grad():
-            ours_logps, _ = module.completion_log_probs(
-                *(inputs[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")),
-                temperature=module.sampling.temperature,
-            )
         params = module.trainable_parameters()
-        loss = module.training_step(batch)
+        log_probs, old = module.policy_log_probs(batch)  # one forward gives the log-probs and the loss
+        loss = module.policy_loss(batch, log_probs, old, batch.advantages)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))  # leaves .grad untouched
     finally:
         module.load_trainable_state(keep)
@@ -116,7 +113,7 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl:
         "trl_loss": trl["loss"],
         "our_loss": float(loss.detach()),
         "loss_abs_diff": abs(float(loss.detach()) - trl["loss"]),
-        "log_prob_max_abs_diff": float((ours_logps[m] - trl["log_probs"][m]).abs().max()),
+        "log_prob_max_abs_diff": float((log_probs.detach()[m] - trl["log_probs"][m]).abs().max()),
         "grad_rel_diff": float((ours_g - trl_g).norm() / trl_g.norm().clamp(min=1e-30)),
         "grad_norm": float(trl_g.norm()),
         "tokens": int(m.sum()),
@@ -124,7 +121,10 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl:
 
 
 def _federated_overheads(module: GRPOModule, optimizer: Any, clients: int, repeats: int = 5) -> dict[str, float]:
-    """Median seconds of one client state swap and one FedAvg of ``clients`` adapters on this adapter."""
+    """Median seconds of one client state swap and one FedAvg of ``clients`` adapters on this adapter.
+
+    The swap does what ``FederatedTrainer.client_round`` does with the optimizer state: it loads a deep copy, so a
+    failed round leaves the stored state untouched."""
     state = module.trainable_state()
     opt_state = optimizer.state_dict()
     swaps, aggs = [], []
@@ -133,7 +133,7 @@ def _federated_overheads(module: GRPOModule, optimizer: Any, clients: int, repea
         start = time.perf_counter()
         out = (module.trainable_state(), optimizer.state_dict())  # the leaving client's state, copied out
         module.load_trainable_state(state)
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(copy.deepcopy(opt_state))
         swaps.append(time.perf_counter() - start)
         updates = [ClientUpdate(client_id=i, state=out[0], num_samples=1) for i in range(clients)]
         start = time.perf_counter()
