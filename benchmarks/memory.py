@@ -9,7 +9,8 @@ state, the most a client can hold), 1 prompt x 2 completions x 4 tokens, a check
     peak(N) = peak(1) + (N - 1) x (adapter + optimizer state)
 
 with the adapter and AdamW's two moments measured from the run's client states (tensor bytes). Reports the peak
-resident set size (``ru_maxrss``) per count, the growth over the 1-client run, and growth / predicted growth.
+resident set size (``ru_maxrss``) per count, the growth over the 1-client run, growth / predicted growth, and the
+least-squares slope of peak RSS on the client count (what each further client costs) against the per-client state.
 Writes ``benchmarks/results/memory.json`` and ``memory.png``.
 """
 
@@ -65,8 +66,8 @@ def child(num_clients: int, model: str) -> dict[str, Any]:
         tasks=["basic_arithmetic"],
         num_clients=num_clients,
         partition="iid",
-        train_size=2 * num_clients,
-        eval_size=num_clients,
+        train_size=2,  # per client: each client's data, and the work per client, stay the same as N grows
+        eval_size=1,
         seed=0,
     )
     with tempfile.TemporaryDirectory() as out:
@@ -85,6 +86,12 @@ def child(num_clients: int, model: str) -> dict[str, Any]:
         optimizer = sum(_tensor_bytes(s.optimizer) for s in states) / num_clients
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"clients": num_clients, "peak_rss": peak, "adapter_bytes": adapter, "optimizer_bytes": optimizer}
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys on xs: the memory each further client costs, constant overheads aside."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def main(
@@ -121,9 +128,13 @@ def main(
             str(row["clients"]), f"{row['peak_rss'] / MB:.0f}", f"{growth / MB:.0f}", f"{predicted / MB:.0f}", ratio
         )
     Console().print(table)
+    slope = _slope([r["clients"] for r in rows], [r["peak_rss"] for r in rows]) if len(rows) > 1 else float("nan")
+    Console().print(
+        f"least-squares growth: {slope / MB:.1f} MB per client = {slope / per_client:.2f}x the predicted {per_client / MB:.1f}"
+    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory.json").write_text(json.dumps({"model": model, "rows": rows}, indent=2))
+    (out_dir / "memory.json").write_text(json.dumps({"model": model, "rows": rows, "slope_per_client": slope}, indent=2))
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["clients"] for r in rows]
     ax.plot(xs, [r["peak_rss"] / MB for r in rows], marker="o", label="peak RSS")

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fedrl_lightning import checkpoint, ranks, reporting
+from fedrl_lightning.packing import pack, trim_heap
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import ClientState, evaluate, run_round
@@ -353,12 +354,16 @@ class FederatedTrainer:
         extra.setdefault("task", Counter(ex.get("task", "default") for ex in examples).most_common(1)[0][0])
         if "accuracy" in metrics:
             extra.setdefault("accuracy", metrics["accuracy"])
-        state.optimizer = self.optimizer.state_dict()  # the next client's load replaces these tensors, never mutates
+        # A packed copy: state resident for the whole run is one block per client (see ``packing``).
+        if self.aggregation is None:
+            state.optimizer, state.adapter = pack((self.optimizer.state_dict(), adapter))
+            adapter = state.adapter
+        else:
+            state.optimizer = pack(self.optimizer.state_dict())
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()
         client_extra["module"] = module.client_state()
         state.extra = client_extra
-        if self.aggregation is None:
-            state.adapter = adapter
+        trim_heap()  # the round's transients are gone: give their pages back before the next client's
         self._overhead += (train_start - swap_start) + (time.perf_counter() - train_end)
         return ClientUpdate(cid, adapter, prompts, tokens, metrics, extra=extra)
 
@@ -366,6 +371,7 @@ class FederatedTrainer:
         """Each client's held-out accuracy and reward under the adapter it would deploy (global, or its own)."""
         metrics: dict[str, float] = {}
         world = self.fabric.world_size
+        trim_heap()
         for cid in ranks.shard(self.data.client_ids(), self.fabric.global_rank, world):  # greedy: any rank, same result
             own = self.client_states[cid].adapter
             adapter = own if self.aggregation is None and own is not None else self.global_state

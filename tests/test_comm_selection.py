@@ -39,3 +39,40 @@ def test_selector_is_seeded_by_round_and_respects_count():
         UniformSelector(count=9).select(1, ids)
     with pytest.raises(ValueError):
         UniformSelector(fraction=0.0)
+
+
+# -- packing of resident state ---------------------------------------------------------------------------------
+
+
+def test_pack_keeps_structure_and_values_in_one_buffer_per_dtype():
+    from fedrl_lightning.packing import pack
+
+    shared = torch.randn(2, 3)
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 5)}, 1: {"exp_avg": shared}},
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+        "ids": torch.arange(3),
+        "again": (shared, "tag"),
+    }
+    packed = pack(state)
+    assert packed["param_groups"] == state["param_groups"] and packed["again"][1] == "tag"
+    floats = [packed["state"][0]["step"], packed["state"][0]["exp_avg"], packed["state"][1]["exp_avg"]]
+    for got, want in zip(floats, [state["state"][0]["step"], state["state"][0]["exp_avg"], shared]):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(packed["ids"], state["ids"]) and packed["ids"].dtype == torch.int64
+    storages = {t.untyped_storage().data_ptr() for t in floats}
+    assert len(storages) == 1  # one float buffer ...
+    assert packed["ids"].untyped_storage().data_ptr() not in storages  # ... and one int64 buffer
+    assert packed["again"][0] is packed["state"][1]["exp_avg"]  # a tensor referenced twice is stored once
+    packed["state"][0]["exp_avg"].add_(1.0)  # a copy: the source is untouched, the neighbour view too
+    assert not torch.equal(packed["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert torch.equal(packed["state"][1]["exp_avg"], shared)
+
+
+def test_channel_delivers_packed_copies():
+    channel = Channel()
+    payload = {"a": torch.randn(3, 4), "b": torch.randn(7)}
+    got = channel.send_up(1, 0, payload)
+    assert all(torch.equal(got[k], payload[k]) for k in payload)
+    assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
+    assert got["a"].untyped_storage().data_ptr() != payload["a"].untyped_storage().data_ptr()

@@ -1,0 +1,80 @@
+"""Memory of a long federated run: contiguous storage for state that stays resident between rounds (client optimizer state, adapters, updates).
+
+A LoRA adapter is hundreds of 36-100 KB tensors, and AdamW adds two more per parameter. Stored one by one, every
+client's state is thousands of small blocks in the allocator's heap, interleaved with the transient buffers of the
+next client's round; the holes they leave keep peak memory growing faster than the state itself
+(``benchmarks/memory.py``). ``pack`` copies the tensors of a state into one buffer per dtype and device and returns
+the same structure holding views of it: one allocation per client, freed whole. ``trim_heap`` hands the heap's
+free pages back to the OS between clients, so the holes that remain do not count twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _tensors(obj: Any, out: list[Tensor]) -> None:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _tensors(value, out)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _tensors(value, out)
+
+
+def _rebuild(obj: Any, views: dict[int, Tensor]) -> Any:
+    if isinstance(obj, Tensor):
+        return views[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _rebuild(v, views) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuild(v, views) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuild(v, views) for v in obj)
+    return obj
+
+
+@torch.no_grad()
+def pack(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts, lists and tuples) whose tensors are disjoint views of one buffer per
+    (dtype, device); non-tensor leaves are kept as they are. The views are detached and contiguous."""
+    tensors: list[Tensor] = []
+    _tensors(obj, tensors)
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in {id(t): t for t in tensors}.values():  # a tensor referenced twice is stored once
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    views: dict[int, Tensor] = {}
+    for (dtype, device), members in groups.items():
+        buffer = torch.empty(sum(t.numel() for t in members), dtype=dtype, device=device)
+        offset = 0
+        for t in members:
+            view = buffer[offset : offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            views[id(t)] = view
+            offset += t.numel()
+    return _rebuild(obj, views)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; a no-op where there is none).
+
+    Takes milliseconds; called between clients, not between steps.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
