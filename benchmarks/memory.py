@@ -130,11 +130,14 @@ def main(
     Console().print(table)
     slope = _slope([r["clients"] for r in rows], [r["peak_rss"] for r in rows]) if len(rows) > 1 else float("nan")
     Console().print(
-        f"least-squares growth: {slope / MB:.1f} MB per client = {slope / per_client:.2f}x the predicted {per_client / MB:.1f}"
+        f"least-squares growth: {slope / MB:.1f} MB per client = "
+        f"{slope / per_client:.2f}x the predicted {per_client / MB:.1f}"
     )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory.json").write_text(json.dumps({"model": model, "rows": rows, "slope_per_client": slope}, indent=2))
+    (out_dir / "memory.json").write_text(
+        json.dumps({"model": model, "rows": rows, "slope_per_client": slope}, indent=2)
+    )
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["clients"] for r in rows]
     ax.plot(xs, [r["peak_rss"] / MB for r in rows], marker="o", label="peak RSS")

@@ -1,4 +1,4 @@
-"""Memory of a long federated run: contiguous storage for state that stays resident between rounds (client optimizer state, adapters, updates).
+"""Memory of a long run: one contiguous block for state resident between rounds (optimizer state, adapters).
 
 A LoRA adapter is hundreds of 36-100 KB tensors, and AdamW adds two more per parameter. Stored one by one, every
 client's state is thousands of small blocks in the allocator's heap, interleaved with the transient buffers of the

@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fedrl_lightning import checkpoint, ranks, reporting
-from fedrl_lightning.packing import pack, trim_heap
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import ClientState, evaluate, run_round
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.errors import StopFederation
+from fedrl_lightning.packing import pack, trim_heap
 from fedrl_lightning.plots import plot_run
 from fedrl_lightning.rollout import RolloutBackend
 from fedrl_lightning.rollout.hf import HFRollout
