@@ -10,6 +10,7 @@ free pages back to the OS between clients, so the holes that remain do not count
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 from typing import Any
@@ -78,3 +79,37 @@ def trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _same_layout(live: dict[str, Any], stored: dict[str, Any]) -> bool:
+    if live["state"].keys() != stored["state"].keys() or len(live["param_groups"]) != len(stored["param_groups"]):
+        return False
+    for pid, saved in stored["state"].items():
+        current = live["state"][pid]
+        if current.keys() != saved.keys():
+            return False
+        for key, value in saved.items():
+            now = current[key]
+            if not (isinstance(value, Tensor) and isinstance(now, Tensor)):
+                return False
+            if now.shape != value.shape or now.dtype != value.dtype or now.device != value.device:
+                return False
+    return True
+
+
+@torch.no_grad()
+def load_optimizer_state(optimizer: torch.optim.Optimizer, stored: dict[str, Any]) -> None:
+    """Swap ``stored`` (an optimizer state dict) into ``optimizer`` without aliasing it, so it is never mutated.
+
+    When the optimizer already holds tensors of the same layout (every swap after a client's first round), the values
+    are copied into them: no allocation, no fresh pages. Otherwise it loads a deep copy.
+    """
+    live = optimizer.state_dict()
+    if not stored["state"] or not _same_layout(live, stored):
+        optimizer.load_state_dict(copy.deepcopy(stored))
+        return
+    for pid, saved in stored["state"].items():
+        for key, value in saved.items():
+            live["state"][pid][key].copy_(value)
+    for group, saved in zip(optimizer.param_groups, stored["param_groups"]):
+        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})

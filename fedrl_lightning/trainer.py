@@ -30,7 +30,7 @@ from fedrl_lightning.client import ClientState, evaluate, run_round
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.errors import StopFederation
-from fedrl_lightning.packing import pack, trim_heap
+from fedrl_lightning.packing import load_optimizer_state, pack, trim_heap
 from fedrl_lightning.plots import plot_run
 from fedrl_lightning.rollout import RolloutBackend
 from fedrl_lightning.rollout.hf import HFRollout
@@ -314,8 +314,8 @@ class FederatedTrainer:
         else:
             start_adapter = state.adapter if state.adapter is not None else self._initial_adapter
         module.load_trainable_state(start_adapter)
-        # A copy: the optimizer updates its state in place, and the stored state must change only if the round succeeds.
-        self.optimizer.load_state_dict(copy.deepcopy(state.optimizer or self._fresh_optimizer))
+        # Never aliased: the optimizer updates it in place, and the stored state changes only if the round succeeds.
+        load_optimizer_state(self.optimizer, state.optimizer or self._fresh_optimizer)
         module.load_client_state(copy.deepcopy(state.extra.get("module", {})))
         client_extra = copy.deepcopy(state.extra)  # committed only if the round succeeds
         objective = None

@@ -76,3 +76,33 @@ def test_channel_delivers_packed_copies():
     assert all(torch.equal(got[k], payload[k]) for k in payload)
     assert got["a"].untyped_storage().data_ptr() == got["b"].untyped_storage().data_ptr()
     assert got["a"].untyped_storage().data_ptr() != payload["a"].untyped_storage().data_ptr()
+
+
+def test_load_optimizer_state_copies_into_resident_tensors_and_never_aliases():
+    from fedrl_lightning.packing import load_optimizer_state, pack
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+
+    def trained(seed: int) -> dict:
+        opt = torch.optim.AdamW(params, lr=0.1)
+        torch.manual_seed(seed)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return pack(opt.state_dict())
+
+    a, b = trained(0), trained(1)
+    opt = torch.optim.AdamW(params, lr=0.1)
+    load_optimizer_state(opt, a)  # first load: a deep copy
+    resident = opt.state[params[0]]["exp_avg"]
+    assert resident.untyped_storage().data_ptr() != a["state"][0]["exp_avg"].untyped_storage().data_ptr()
+    load_optimizer_state(opt, b)  # same layout: copied into the same tensors
+    assert opt.state[params[0]]["exp_avg"] is resident and torch.equal(resident, b["state"][0]["exp_avg"])
+    before = {k: v.clone() for k, v in b["state"][1].items()}
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # trains on the resident copy: the stored state is untouched
+    assert all(torch.equal(b["state"][1][k], v) for k, v in before.items())
+    assert float(opt.state[params[1]]["step"]) == 2.0
+    load_optimizer_state(opt, torch.optim.AdamW(params).state_dict())  # a fresh client: empty state
+    assert not opt.state
