@@ -19,26 +19,16 @@ import torch
 from torch import Tensor
 
 
-def _tensors(obj: Any, out: list[Tensor]) -> None:
+def _map(obj: Any, fn: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in its nested dicts, lists and tuples; other leaves kept."""
     if isinstance(obj, Tensor):
-        out.append(obj)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _tensors(value, out)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _tensors(value, out)
-
-
-def _rebuild(obj: Any, views: dict[int, Tensor]) -> Any:
-    if isinstance(obj, Tensor):
-        return views[id(obj)]
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _rebuild(v, views) for k, v in obj.items()}
+        return {k: _map(v, fn) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_rebuild(v, views) for v in obj]
+        return [_map(v, fn) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_rebuild(v, views) for v in obj)
+        return tuple(_map(v, fn) for v in obj)
     return obj
 
 
@@ -46,10 +36,10 @@ def _rebuild(obj: Any, views: dict[int, Tensor]) -> Any:
 def pack(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts, lists and tuples) whose tensors are disjoint views of one buffer per
     (dtype, device); non-tensor leaves are kept as they are. The views are detached and contiguous."""
-    tensors: list[Tensor] = []
-    _tensors(obj, tensors)
+    tensors: dict[int, Tensor] = {}  # by id: a tensor referenced twice is stored once
+    _map(obj, lambda t: tensors.setdefault(id(t), t))
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in {id(t): t for t in tensors}.values():  # a tensor referenced twice is stored once
+    for t in tensors.values():
         groups.setdefault((t.dtype, t.device), []).append(t)
     views: dict[int, Tensor] = {}
     for (dtype, device), members in groups.items():
@@ -60,7 +50,7 @@ def pack(obj: Any) -> Any:
             view.copy_(t)
             views[id(t)] = view
             offset += t.numel()
-    return _rebuild(obj, views)
+    return _map(obj, lambda t: views[id(t)])
 
 
 @functools.cache
