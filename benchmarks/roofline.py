@@ -1,7 +1,10 @@
 """The decode roofline of this machine for the policy model, and how close our rollout backends get to it.
 
-    python benchmarks/roofline.py                                  # embedded model, HF (LoRA merged for decoding)
-    python benchmarks/roofline.py --backends '[hf, hf_lora, vllm]' # vllm where the extra is installed
+    python benchmarks/roofline.py                       # embedded model, HF (LoRA merged, weights oneDNN-packed)
+    python benchmarks/roofline.py --backends '[hf, hf_plain, hf_static_compile, hf_lora, vllm, vllm_compile]'
+
+``vllm*`` need the vllm extra. ``hf_static_compile`` decodes with a static KV cache and an inductor-compiled step;
+``vllm_compile`` lets vLLM compile its model (``enforce_eager=False``).
 
 Measures the machine's memory copy bandwidth and fp32 matmul rate, then for each batch size b computes the time of
 one decode step as max(bytes read / bandwidth, FLOPs / matmul rate), with
@@ -27,6 +30,7 @@ import torch
 from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
+from transformers import CompileConfig
 
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.rollout import SamplingParams
@@ -99,26 +103,40 @@ def measure_decode(module: GRPOModule, backend: Any, batch: int, new_tokens: int
         backend.generate(module, [PROMPT], params)
         return time.perf_counter() - start
 
-    run(new_tokens)  # warm-up
+    first = run(new_tokens)  # warm-up (and compilation, for a compiled backend)
     full = statistics.median(run(new_tokens) for _ in range(repeats))
     prefill = statistics.median(run(1) for _ in range(repeats))
     decode = max(full - prefill, 1e-9)
-    return {"seconds": full, "prefill_seconds": prefill, "tokens_per_s": batch * (new_tokens - 1) / decode}
+    return {
+        "seconds": full,
+        "first_call_seconds": first,
+        "prefill_seconds": prefill,
+        "tokens_per_s": batch * (new_tokens - 1) / decode,
+    }
 
 
 def _backend(name: str, model: str) -> Any:
-    if name == "hf":
+    if name == "hf":  # the merged copy, its linears oneDNN-packed
         return HFRollout(merged_copy=True)
+    if name == "hf_plain":  # the merged copy with plain weights
+        return HFRollout(merged_copy=True, packed_weights=False)
+    if name == "hf_static_compile":  # plain merged copy, static KV cache, decode step compiled by inductor
+        config = CompileConfig(fullgraph=False, mode="default", dynamic=False)
+        config._compile_all_devices = True  # generate compiles only on accelerators unless told
+        static = {"cache_implementation": "static", "compile_config": config}
+        return HFRollout(merged_copy=True, packed_weights=False, generate_kwargs=static)
     if name == "hf_lora":
         return HFRollout()
-    if name == "vllm":
+    if name in ("vllm", "vllm_compile"):
         from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
         from fedrl_lightning.rollout.vllm import VLLMRollout
 
-        engine = VLLMRollout()  # one engine for every batch size; the adapter is merged into its weights
+        # One engine for every batch size; the adapter is merged into its weights. vllm_compile: vLLM's
+        # torch.compile of the model (enforce_eager=False), compiled at engine start.
+        engine = VLLMRollout(enforce_eager=name == "vllm")
         VLLMWeightSync(method="merge").attach(engine)
         return engine
-    raise ValueError(f"unknown backend {name!r}: hf, hf_lora or vllm")
+    raise ValueError(f"unknown backend {name!r}: hf, hf_plain, hf_static_compile, hf_lora, vllm or vllm_compile")
 
 
 def main(

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import lightning as L
+import pytest
 import torch
 
 from conftest import make_module
@@ -10,6 +11,7 @@ from fedrl_lightning.client import local_step
 from fedrl_lightning.modules.policy import prompt_groups
 from fedrl_lightning.rollout import completion_masks
 from fedrl_lightning.rollout.hf import HFRollout
+from fedrl_lightning.rollout.packed import PackedLinear, pack_linears
 
 PROMPTS = [
     {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
@@ -94,7 +96,14 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
     base = module.model.get_base_model()
     q = base.model.layers[0].self_attn.q_proj
     copy_q = merged._copy.model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(copy_q.weight, q.base_layer.weight + q.get_delta_weight("default"))
+    assert isinstance(copy_q, PackedLinear)  # fp32 on CPU: the copy's linears are oneDNN-packed
+    x = torch.randn(3, q.in_features)
+    expected_q = torch.nn.functional.linear(x, q.base_layer.weight + q.get_delta_weight("default"), q.base_layer.bias)
+    torch.testing.assert_close(copy_q(x), expected_q, rtol=1e-5, atol=1e-5)
+    plain = HFRollout(merged_copy=True, packed_weights=False)
+    plain.generate(module, prompts, module.sampling)
+    plain_q = plain._copy.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(plain_q.weight, q.base_layer.weight + q.get_delta_weight("default"))
     # min_tokens suppresses EOS: make the greedy first token the EOS, then force 6 tokens
     first = int(expected.completion_ids[0, 0])
     module.model.generation_config.eos_token_id = first
@@ -105,6 +114,29 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
         module.model.generation_config.eos_token_id = module.tokenizer.eos_token_id
     assert stopped.completion_mask.sum(dim=1).tolist() == [1, 1]
     assert forced.completion_mask.sum(dim=1).tolist() == [6, 6]
+
+
+def test_packed_linear_computes_the_linear_and_follows_new_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5, bias=False))
+    model.append(torch.nn.Linear(5, 3).double())  # not packable: stays a plain Linear
+    x = torch.randn(2, 7, 12)
+    expected = model[:3](x)
+    assert pack_linears(model) == 2 and type(model[3]) is torch.nn.Linear
+    assert isinstance(model[0], PackedLinear) and not list(model[0].parameters())  # no plain weight kept
+    torch.testing.assert_close(model[:3](x), expected, rtol=1e-5, atol=1e-5)
+    weight = torch.randn(5, 20)
+    model[2].load(weight)
+    h = torch.randn(4, 20)
+    torch.testing.assert_close(model[2](h), h @ weight.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"weight of shape \(20, 5\) for a 20->5 layer"):
+        model[2].load(weight.T)
+
+
+def test_generate_kwargs_override_the_derived_ones():
+    module = make_module(num_generations=2, max_completion_length=6)
+    out = HFRollout(generate_kwargs={"max_new_tokens": 2}).generate(module, [PROMPTS[0]["prompt"]], module.sampling)
+    assert out.completion_ids.shape[1] <= 2
 
 
 def test_completion_masks_through_first_eos():

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
+from fedrl_lightning.rollout.packed import load_weight, pack_linears
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any], max_prompt_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -46,14 +47,25 @@ class HFRollout:
         merged_copy: decode with a plain copy of the base model into which the current adapter is merged before
             each call (one extra copy of the base weights, not per client), so the decode loop runs no LoRA
             matmuls. The copy is rebuilt from the frozen base each time: no rounding drift accumulates.
+        packed_weights: with ``merged_copy`` on CPU, hold the copy's linear weights in oneDNN's packed layout
+            (``rollout.packed``), repacked after each merge: 2-3x faster skinny matmuls at decode batch sizes.
+        generate_kwargs: extra keyword arguments for ``generate`` (e.g. ``repetition_penalty``, or
+            ``cache_implementation: static``); they override the ones derived from the sampling parameters.
     """
 
     def __init__(
-        self, max_prompt_length: int | None = 512, generation_batch_size: int | None = None, merged_copy: bool = False
+        self,
+        max_prompt_length: int | None = 512,
+        generation_batch_size: int | None = None,
+        merged_copy: bool = False,
+        packed_weights: bool = True,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.max_prompt_length = max_prompt_length
         self.generation_batch_size = generation_batch_size
         self.merged_copy = merged_copy
+        self.packed_weights = packed_weights
+        self.generate_kwargs = dict(generate_kwargs or {})
         self._copy: Any = None
         self._copy_of: Any = None
 
@@ -62,13 +74,15 @@ class HFRollout:
         """The plain generation copy with ``peft_model``'s current adapter merged: W = W_base + scale * B @ A."""
         if self._copy is None or self._copy_of is not peft_model:
             self._copy = copy.deepcopy(peft_model).merge_and_unload().eval()
+            if self.packed_weights:
+                pack_linears(self._copy)
             self._copy_of = peft_model
         targets = dict(self._copy.named_modules())
         for name, layer in peft_model.named_modules():
             if isinstance(layer, LoraLayer) and hasattr(layer, "get_delta_weight"):
                 base = layer.get_base_layer().weight
                 delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                targets[name.removeprefix("base_model.model.")].weight.copy_(base + delta)
+                load_weight(targets[name.removeprefix("base_model.model.")], base + delta)
         return self._copy
 
     @torch.no_grad()
@@ -94,6 +108,7 @@ class HFRollout:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
         else:  # greedy: silence the model's default sampling settings
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        gen_kwargs.update(self.generate_kwargs)
         was_training = model.training
         model.eval()
         step = self.generation_batch_size or len(prompt_ids)
