@@ -90,7 +90,7 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
         with torch.no_grad():
             for name, p in module.trainable_parameters().items():
                 p.add_(0.5 * torch.randn(p.shape, generator=gen))
-        expected = HFRollout().generate(module, prompts, module.sampling)
+        expected = HFRollout(merged_copy=False).generate(module, prompts, module.sampling)
         got = merged.generate(module, prompts, module.sampling)
         assert torch.equal(got.completion_ids, expected.completion_ids)
     base = module.model.get_base_model()
@@ -100,6 +100,9 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
     x = torch.randn(3, q.in_features)
     expected_q = torch.nn.functional.linear(x, q.base_layer.weight + q.get_delta_weight("default"), q.base_layer.bias)
     torch.testing.assert_close(copy_q(x), expected_q, rtol=1e-5, atol=1e-5)
+    auto = HFRollout()  # merged_copy=None: on for a LoRA model on CPU
+    auto.generate(module, prompts[:1], module.sampling)
+    assert auto._copy is not None and auto._copy_of is module.model
     plain = HFRollout(merged_copy=True, packed_weights=False)
     plain.generate(module, prompts, module.sampling)
     plain_q = plain._copy.model.layers[0].self_attn.q_proj
