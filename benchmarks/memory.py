@@ -47,8 +47,8 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def child(num_clients: int, model: str) -> dict[str, Any]:
-    """One local-only round of ``num_clients`` tiny clients; returns peak RSS and the measured per-client state."""
+def child(num_clients: int, model: str, rounds: int = 1) -> dict[str, Any]:
+    """``rounds`` local-only rounds of ``num_clients`` tiny clients; returns peak RSS and the per-client state."""
     from fedrl_lightning.data import FederatedData
     from fedrl_lightning.modules import GRPOModule
     from fedrl_lightning.trainer import FederatedTrainer
@@ -72,7 +72,7 @@ def child(num_clients: int, model: str) -> dict[str, Any]:
     )
     with tempfile.TemporaryDirectory() as out:
         trainer = FederatedTrainer(
-            num_rounds=1,
+            num_rounds=rounds,
             aggregation=None,
             eval_every=0,
             eval_before_training=False,
@@ -98,17 +98,20 @@ def main(
     clients: list[int] = [1, 4, 16, 64],  # noqa: B006
     model: str = "embedded",
     out: str = "benchmarks/results",
+    rounds: int = 1,
     child_clients: int = 0,
 ) -> list[dict[str, Any]] | None:
     """Run each client count in a fresh process and compare the peak RSS growth with the prediction."""
     if child_clients:  # internal: this process is one measurement
-        print(json.dumps(child(child_clients, model)))
+        print(json.dumps(child(child_clients, model, rounds)))
         return None
     rows = []
     for n in clients:
         Console().print(f"memory: {n} clients")
         proc = subprocess.run(
-            [sys.executable, __file__, "--child_clients", str(n), "--model", model], capture_output=True, text=True
+            [sys.executable, __file__, "--child_clients", str(n), "--model", model, "--rounds", str(rounds)],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{n} clients failed:\n{proc.stderr[-3000:]}")
@@ -136,7 +139,7 @@ def main(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "memory.json").write_text(
-        json.dumps({"model": model, "rows": rows, "slope_per_client": slope}, indent=2)
+        json.dumps({"model": model, "rounds": rounds, "rows": rows, "slope_per_client": slope}, indent=2)
     )
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["clients"] for r in rows]

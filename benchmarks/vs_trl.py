@@ -44,7 +44,7 @@ from fedrl_lightning.data import FederatedData
 from fedrl_lightning.models import embedded_model_dir
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.modules.grpo import GRPOBatch
-from fedrl_lightning.packing import load_optimizer_state, pack, trim_heap
+from fedrl_lightning.packing import load_optimizer_state, pack, pack_into, trim_heap
 from fedrl_lightning.rewards import accuracy_reward
 from fedrl_lightning.rollout import Rollout
 from fedrl_lightning.rollout.hf import HFRollout
@@ -124,19 +124,21 @@ def _federated_overheads(module: GRPOModule, optimizer: Any, clients: int, repea
     """Median seconds of one client state swap and one FedAvg of ``clients`` adapters on this adapter.
 
     The swap does what ``FederatedTrainer.client_round`` does with the state: the leaving client's optimizer state
-    and adapter are packed into one block, the heap is trimmed, and the next client's optimizer state is copied into the
-    optimizer's tensors (``load_optimizer_state``), so a failed round leaves the stored state untouched."""
+    and adapter are written into the block of its previous state (``pack_into``), the heap is trimmed, and the next
+    client's optimizer state is copied into the optimizer's tensors (``load_optimizer_state``)."""
     opt_state, state = pack((optimizer.state_dict(), module.trainable_state()))
+    out = pack((optimizer.state_dict(), module.trainable_state()))  # the leaving client's block from its last round
     swaps, aggs = [], []
     agg = FedAvg()
     for _ in range(repeats):
         start = time.perf_counter()
-        out = pack((optimizer.state_dict(), module.trainable_state()))  # the leaving client's state, copied out
+        adapter = module.trainable_state()  # the update's own copy, as in client_round
+        out = pack_into((optimizer.state_dict(), adapter), out)  # the leaving client's state, written out
         trim_heap()
         module.load_trainable_state(state)
         load_optimizer_state(optimizer, opt_state)
         swaps.append(time.perf_counter() - start)
-        updates = [ClientUpdate(client_id=i, state=out[1], num_samples=1) for i in range(clients)]
+        updates = [ClientUpdate(client_id=i, state=adapter, num_samples=1) for i in range(clients)]
         start = time.perf_counter()
         agg.aggregate(state, updates)
         aggs.append(time.perf_counter() - start)

@@ -41,10 +41,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def round_path(directory: Path, round_idx: int) -> Path:
+    """Where round ``round_idx``'s checkpoint lives under ``directory``."""
+    return directory / f"{_PREFIX}{round_idx:06d}"
+
+
 def save(directory: Path, round_idx: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` as round ``round_idx`` atomically; keep the newest ``keep`` rounds. Returns the directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{_PREFIX}{round_idx:06d}"
+    final = round_path(directory, round_idx)
     tmp = directory / f".tmp-{_PREFIX}{round_idx:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

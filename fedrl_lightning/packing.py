@@ -32,6 +32,18 @@ def _map(obj: Any, fn: Any) -> Any:
     return obj
 
 
+def _leaves(obj: Any, path: tuple = ()) -> Any:
+    """(path, tensor) for every tensor of ``obj``, in ``_map``'s order."""
+    if isinstance(obj, Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, (*path, i))
+
+
 @torch.no_grad()
 def pack(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts, lists and tuples) whose tensors are disjoint views of one buffer per
@@ -44,13 +56,52 @@ def pack(obj: Any) -> Any:
     views: dict[int, Tensor] = {}
     for (dtype, device), members in groups.items():
         buffer = torch.empty(sum(t.numel() for t in members), dtype=dtype, device=device)
-        offset = 0
-        for t in members:
-            view = buffer[offset : offset + t.numel()].view(t.shape)
-            view.copy_(t)
-            views[id(t)] = view
-            offset += t.numel()
+        flat = buffer.split([t.numel() for t in members])
+        shaped = [view.view(t.shape) for view, t in zip(flat, members)]
+        torch._foreach_copy_(shaped, [t.detach() for t in members])  # one call, not one per tensor
+        views.update({id(t): view for t, view in zip(members, shaped)})
     return _map(obj, lambda t: views[id(t)])
+
+
+def _exclusive(tensors: list[Tensor]) -> bool:
+    """Whether ``tensors`` (distinct objects) and their view bases are all that reference their storages, so nothing
+    else (a slice someone kept, say) could see a write into them."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    known = {id(t): t for t in tensors}
+    known.update({id(t._base): t._base for t in tensors if t._base is not None})  # a view keeps its base alive
+    counts: dict[int, int] = {}
+    storages: dict[int, Any] = {}
+    for t in known.values():
+        storage = t.untyped_storage()
+        counts[storage.data_ptr()] = counts.get(storage.data_ptr(), 0) + 1
+        storages[storage.data_ptr()] = storage
+    # Each tensor holds one reference to its storage; the storage handle taken here holds one more.
+    return all(use_count(storages[ptr]._cdata) == n + 1 for ptr, n in counts.items())
+
+
+@torch.no_grad()
+def pack_into(obj: Any, block: Any) -> Any:
+    """``obj`` copied into the tensors of ``block``, a packed copy of an earlier ``obj`` of the same layout, in place.
+
+    A swap-out that writes into the pages of the client's previous state neither maps fresh memory (faulted in on
+    first write) nor holds two states of a client at once. Falls back to ``pack(obj)`` when the layouts differ or when
+    anything else holds a view of ``block``'s storage. A caller that keeps ``block`` itself (not just views of it)
+    must not call this: the write is visible through every reference to ``block``.
+    """
+    new, old = list(_leaves(obj)), list(_leaves(block))
+    same = len(new) == len(old) and all(
+        p == q and t.shape == u.shape and t.dtype == u.dtype and t.device == u.device
+        for (p, t), (q, u) in zip(new, old)
+    )
+    distinct = list({id(u): u for _, u in old}.values())
+    if not same or not distinct or not _exclusive(distinct):
+        return pack(obj)
+    pairs = {id(u): (u, t) for (_, t), (_, u) in zip(new, old)}
+    torch._foreach_copy_([u for u, _ in pairs.values()], [t.detach() for _, t in pairs.values()])
+    targets = iter([u for _, u in old])
+    return _map(obj, lambda t: next(targets))
 
 
 @functools.cache
@@ -98,8 +149,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, stored: dict[str, Any
     if not stored["state"] or not _same_layout(live, stored):
         optimizer.load_state_dict(copy.deepcopy(stored))
         return
-    for pid, saved in stored["state"].items():
-        for key, value in saved.items():
-            live["state"][pid][key].copy_(value)
+    pairs = [(live["state"][pid][key], value) for pid, saved in stored["state"].items() for key, value in saved.items()]
+    torch._foreach_copy_([now for now, _ in pairs], [value for _, value in pairs])
     for group, saved in zip(optimizer.param_groups, stored["param_groups"]):
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})

@@ -30,7 +30,7 @@ from fedrl_lightning.client import ClientState, evaluate, run_round
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.errors import StopFederation
-from fedrl_lightning.packing import load_optimizer_state, pack, trim_heap
+from fedrl_lightning.packing import load_optimizer_state, pack_into, trim_heap
 from fedrl_lightning.plots import plot_run
 from fedrl_lightning.rollout import RolloutBackend
 from fedrl_lightning.rollout.hf import HFRollout
@@ -213,16 +213,27 @@ class FederatedTrainer:
 
     def _run_round_with_retries(self, r: int, bar: Progress) -> dict[str, float]:
         """A round that misses ``min_clients`` is retried from the same client states, then stops the run."""
-        # Stored client state is never mutated in place (a round replaces it), so a shallow snapshot suffices.
-        snapshot = {cid: replace(s) for cid, s in self.client_states.items()}
+        # Before the first round no state has a packed block that a round could rewrite in place, so a shallow
+        # snapshot keeps the start states; after it, they are the last checkpoint's (no second copy in memory).
+        snapshot = {cid: replace(s) for cid, s in self.client_states.items()} if self.round_idx == 0 else None
         for attempt in range(self.round_retries + 1):
             try:
                 return self._run_round(r, bar)
             except _TooFewClients as short:
-                self.client_states = {cid: replace(s) for cid, s in snapshot.items()}
                 log.warning("round %d attempt %d: %s", r, attempt + 1, short)
                 reason = str(short)
+                if snapshot is not None:
+                    self.client_states = {cid: replace(s) for cid, s in snapshot.items()}
+                else:
+                    self.client_states.update(self._checkpointed_client_states(r))
         raise StopFederation(f"round {r} failed {self.round_retries + 1} time(s): {reason}")
+
+    def _checkpointed_client_states(self, r: int) -> dict[int, ClientState]:
+        """The client states at the start of round ``r``: those of the checkpoint of round ``r - 1``."""
+        path = checkpoint.round_path(self.checkpoint_dir, self.round_idx)
+        if not checkpoint.is_valid(path):
+            raise StopFederation(f"round {r} cannot be retried: its start state {path} is missing or corrupt")
+        return {cid: ClientState(**s) for cid, s in checkpoint.load(path)["client_states"].items()}
 
     def _run_round(self, r: int, bar: Progress) -> dict[str, float]:
         fabric = self.fabric
@@ -354,12 +365,14 @@ class FederatedTrainer:
         extra.setdefault("task", Counter(ex.get("task", "default") for ex in examples).most_common(1)[0][0])
         if "accuracy" in metrics:
             extra.setdefault("accuracy", metrics["accuracy"])
-        # A packed copy: state resident for the whole run is one block per client (see ``packing``).
+        # State resident for the whole run is one block per client, rewritten in place from the second round on
+        # (see ``packing``). The update keeps its own copy of the adapter, never a view of the stored block.
         if self.aggregation is None:
-            state.optimizer, state.adapter = pack((self.optimizer.state_dict(), adapter))
-            adapter = state.adapter
+            state.optimizer, state.adapter = pack_into(
+                (self.optimizer.state_dict(), adapter), (state.optimizer, state.adapter)
+            )
         else:
-            state.optimizer = pack(self.optimizer.state_dict())
+            state.optimizer = pack_into(self.optimizer.state_dict(), state.optimizer)
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()
         client_extra["module"] = module.client_state()
         state.extra = client_extra

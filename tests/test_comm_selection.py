@@ -106,3 +106,32 @@ def test_load_optimizer_state_copies_into_resident_tensors_and_never_aliases():
     assert float(opt.state[params[1]]["step"]) == 2.0
     load_optimizer_state(opt, torch.optim.AdamW(params).state_dict())  # a fresh client: empty state
     assert not opt.state
+
+
+def test_pack_into_rewrites_an_exclusive_block_in_place_and_falls_back_otherwise():
+    from fedrl_lightning.packing import pack, pack_into
+
+    def state(seed: int, lr: float = 0.1) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        return {"state": {0: {"m": torch.randn(4, 5, generator=gen), "v": torch.randn(3, generator=gen)}}, "lr": lr}
+
+    block = pack(state(0))
+    ptr = block["state"][0]["m"].untyped_storage().data_ptr()
+    new = state(1, lr=0.05)
+    got = pack_into(new, block)
+    assert got["state"][0]["m"].untyped_storage().data_ptr() == ptr  # the same pages, rewritten
+    assert torch.equal(got["state"][0]["m"], new["state"][0]["m"]) and torch.equal(
+        got["state"][0]["v"], new["state"][0]["v"]
+    )
+    assert got["lr"] == 0.05  # non-tensor leaves come from the new state
+    new["state"][0]["m"].add_(1.0)  # a copy, not the source's tensors
+    assert not torch.equal(got["state"][0]["m"], new["state"][0]["m"])
+
+    held = got["state"][0]["m"][:2]  # someone else views the block: it must not change under them
+    kept = held.clone()
+    fresh = pack_into(state(2), got)
+    assert fresh["state"][0]["m"].untyped_storage().data_ptr() != ptr and torch.equal(held, kept)
+    del held
+    other = pack_into({"state": {0: {"m": torch.randn(5, 4), "v": torch.randn(3)}}, "lr": 0.1}, fresh)
+    assert other["state"][0]["m"].untyped_storage().data_ptr() != fresh["state"][0]["m"].untyped_storage().data_ptr()
+    assert pack_into(state(3), None)["state"][0]["m"].shape == (4, 5)  # no earlier block: a fresh pack

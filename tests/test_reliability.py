@@ -158,6 +158,36 @@ def test_timeouts_below_min_clients_retry_then_stop_with_a_valid_checkpoint(tmp_
     assert all(torch.equal(later.global_state[k], v) for k, v in trainer.global_state.items())
 
 
+class BlockAddresses(Callback):
+    """Where client 0's stored optimizer state lives after each round."""
+
+    def __init__(self):
+        self.addresses = []
+
+    def on_round_end(self, trainer):
+        state = trainer.client_states[0].optimizer["state"]
+        self.addresses.append(next(iter(state.values()))["exp_avg"].untyped_storage().data_ptr())
+
+
+def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path):
+    """From the second round on, a client's state is rewritten in place, so a retry must reload the round's start."""
+    blocks = BlockAddresses()
+    common = dict(aggregation=None, output_dir=str(tmp_path), progress=False, eval_every=0, eval_batch_size=4)
+    first = FederatedTrainer(num_rounds=2, eval_before_training=False, callbacks=[blocks], **common)
+    first.fit(make_module(), make_data(), ckpt_path=None)
+    assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's block: no second copy
+    start = checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["client_states"][0]
+    later = FederatedTrainer(num_rounds=3, min_clients=2, round_retries=1, callbacks=[Sabotage(1, "raise")], **common)
+    later.fit(make_module(), make_data())
+    assert later.round_idx == 2 and "failed 2 time(s)" in later.stopped
+    restored = later.client_states[0]  # client 0 trained in both attempts; it is back at round 2's end state
+    assert all(torch.equal(restored.adapter[k], v) for k, v in start["adapter"].items())
+    saved_state = start["optimizer"]["state"]
+    for pid, moments in restored.optimizer["state"].items():
+        assert all(torch.equal(moments[k], saved_state[pid][k]) for k in moments)
+    assert torch.equal(restored.rng, start["rng"])
+
+
 def test_missing_model_path_and_unknown_hub_id_fail_fast_with_the_name(tmp_path):
     from fedrl_lightning.models import load_causal_lm
 
