@@ -366,11 +366,15 @@ class FederatedTrainer:
         if "accuracy" in metrics:
             extra.setdefault("accuracy", metrics["accuracy"])
         # State resident for the whole run is one block per client, rewritten in place from the second round on
-        # (see ``packing``). The update keeps its own copy of the adapter, never a view of the stored block.
+        # (see ``packing``).
         if self.aggregation is None:
             state.optimizer, state.adapter = pack_into(
                 (self.optimizer.state_dict(), adapter), (state.optimizer, state.adapter)
             )
+            # The update reads the stored adapter through views of its own (no copy held until the round ends):
+            # whoever keeps the update past the round keeps the block's storage referenced, and the next round then
+            # writes a fresh block instead of changing what they hold.
+            adapter = {k: v.view(v.shape) for k, v in state.adapter.items()}
         else:
             state.optimizer = pack_into(self.optimizer.state_dict(), state.optimizer)
         state.rng, state.sampler = torch.get_rng_state(), sampler.state_dict()

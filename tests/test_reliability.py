@@ -276,3 +276,31 @@ def test_a_client_failing_mid_round_keeps_its_state_from_before_the_round(tmp_pa
     after = trainer.client_states[1].optimizer["state"][0]
     # the live optimizer stepped once in round 2, the stored state did not move
     assert before and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class KeepUpdates(Callback):
+    """Keeps client 0's first update, and a copy of it to compare with later."""
+
+    def __init__(self):
+        self.kept = self.copy = None
+
+    def on_client_end(self, client_id, update):
+        if client_id == 0 and self.kept is None:
+            self.kept, self.copy = update.state, {k: v.clone() for k, v in update.state.items()}
+
+
+def test_an_update_kept_past_its_round_is_not_rewritten_by_the_next_round(tmp_path):
+    keep, blocks = KeepUpdates(), BlockAddresses()
+    trainer = FederatedTrainer(
+        num_rounds=2,
+        aggregation=None,
+        output_dir=str(tmp_path),
+        progress=False,
+        eval_every=0,
+        eval_before_training=False,
+        callbacks=[keep, blocks],
+    )
+    trainer.fit(make_module(), make_data(), ckpt_path=None)
+    assert blocks.addresses[0] != blocks.addresses[1]  # the kept views hold the old block: round 2 wrote a new one
+    assert all(torch.equal(keep.kept[k], v) for k, v in keep.copy.items())
+    assert not all(torch.equal(trainer.client_states[0].adapter[k], v) for k, v in keep.copy.items())
