@@ -134,6 +134,7 @@ class FederatedTrainer:
         self.comm = Channel()
         self._overhead = 0.0  # seconds of the current round spent outside local training (swap, channel, aggregation)
         self.client_states: dict[int, ClientState] = {}
+        self._last_checkpoint: Path | None = None  # the saved or loaded state the next round starts from
         self.global_state: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.round_idx = 0
@@ -210,6 +211,7 @@ class FederatedTrainer:
         """The run's state after round ``round_idx`` (written by rank 0; every rank holds the same state)."""
         if self.fabric.is_global_zero:
             checkpoint.save(self.checkpoint_dir, self.round_idx, self.state_dict(), self.keep_checkpoints)
+        self._last_checkpoint = checkpoint.round_path(self.checkpoint_dir, self.round_idx)
 
     def _run_round_with_retries(self, r: int, bar: Progress) -> dict[str, float]:
         """A round that misses ``min_clients`` is retried from the same client states, then stops the run."""
@@ -229,9 +231,9 @@ class FederatedTrainer:
         raise StopFederation(f"round {r} failed {self.round_retries + 1} time(s): {reason}")
 
     def _checkpointed_client_states(self, r: int) -> dict[int, ClientState]:
-        """The client states at the start of round ``r``: those of the checkpoint of round ``r - 1``."""
-        path = checkpoint.round_path(self.checkpoint_dir, self.round_idx)
-        if not checkpoint.is_valid(path):
+        """The client states at the start of round ``r``: those of the checkpoint saved or resumed from before it."""
+        path = self._last_checkpoint
+        if path is None or not checkpoint.is_valid(path):
             raise StopFederation(f"round {r} cannot be retried: its start state {path} is missing or corrupt")
         return {cid: ClientState(**s) for cid, s in checkpoint.load(path)["client_states"].items()}
 
@@ -430,6 +432,7 @@ class FederatedTrainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         ckpt = checkpoint.load(path)
+        self._last_checkpoint = path
         unknown = set(ckpt["client_states"]) - set(self.client_states)
         if unknown:
             raise ValueError(f"{path}: clients {sorted(unknown)} are not in this run's data")

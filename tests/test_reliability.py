@@ -169,16 +169,21 @@ class BlockAddresses(Callback):
         self.addresses.append(next(iter(state.values()))["exp_avg"].untyped_storage().data_ptr())
 
 
-def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path):
-    """From the second round on, a client's state is rewritten in place, so a retry must reload the round's start."""
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["resumed-in-place", "resumed-from-another-run"])
+def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path, elsewhere):
+    """From the second round on, a client's state is rewritten in place, so a retry must reload the round's start:
+    from this run's last checkpoint, or from the one it resumed from."""
     blocks = BlockAddresses()
     common = dict(aggregation=None, output_dir=str(tmp_path), progress=False, eval_every=0, eval_batch_size=4)
     first = FederatedTrainer(num_rounds=2, eval_before_training=False, callbacks=[blocks], **common)
     first.fit(make_module(), make_data(), ckpt_path=None)
     assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's block: no second copy
     start = checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["client_states"][0]
+    resume = "last"
+    if elsewhere:
+        common["output_dir"], resume = str(tmp_path / "other"), str(checkpoint.round_path(tmp_path / "checkpoints", 2))
     later = FederatedTrainer(num_rounds=3, min_clients=2, round_retries=1, callbacks=[Sabotage(1, "raise")], **common)
-    later.fit(make_module(), make_data())
+    later.fit(make_module(), make_data(), ckpt_path=resume)
     assert later.round_idx == 2 and "failed 2 time(s)" in later.stopped
     restored = later.client_states[0]  # client 0 trained in both attempts; it is back at round 2's end state
     assert all(torch.equal(restored.adapter[k], v) for k, v in start["adapter"].items())
