@@ -19,29 +19,32 @@ import torch
 from torch import Tensor
 
 
-def _map(obj: Any, fn: Any) -> Any:
-    """``obj`` with ``fn`` applied to every tensor in its nested dicts, lists and tuples; other leaves kept."""
+def _map(obj: Any, fn: Any, path: tuple = ()) -> Any:
+    """``obj`` with ``fn(path, tensor)`` applied to every tensor in its nested dicts, lists and tuples (``path``: the
+    keys and indices that lead to it); other leaves kept."""
     if isinstance(obj, Tensor):
-        return fn(obj)
+        return fn(path, obj)
     if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
+        return {k: _map(v, fn, (*path, k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_map(v, fn) for v in obj]
+        return [_map(v, fn, (*path, i)) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_map(v, fn) for v in obj)
+        return tuple(_map(v, fn, (*path, i)) for i, v in enumerate(obj))
     return obj
 
 
-def _leaves(obj: Any, path: tuple = ()) -> Any:
-    """(path, tensor) for every tensor of ``obj``, in ``_map``'s order."""
-    if isinstance(obj, Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, (*path, k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _leaves(v, (*path, i))
+def _leaves(obj: Any) -> dict[tuple, Tensor]:
+    """Every tensor of ``obj`` by its path, in ``_map``'s order."""
+    out: dict[tuple, Tensor] = {}
+    _map(obj, out.__setitem__)
+    return out
+
+
+def _same_tensor_layout(a: dict[tuple, Tensor], b: dict[tuple, Tensor]) -> bool:
+    """Whether two ``_leaves`` have the same paths, in order, and the same shapes, dtypes and devices."""
+    return list(a) == list(b) and all(
+        t.shape == u.shape and t.dtype == u.dtype and t.device == u.device for t, u in zip(a.values(), b.values())
+    )
 
 
 @torch.no_grad()
@@ -49,7 +52,7 @@ def pack(obj: Any) -> Any:
     """A copy of ``obj`` (nested dicts, lists and tuples) whose tensors are disjoint views of one buffer per
     (dtype, device); non-tensor leaves are kept as they are. The views are detached and contiguous."""
     tensors: dict[int, Tensor] = {}  # by id: a tensor referenced twice is stored once
-    _map(obj, lambda t: tensors.setdefault(id(t), t))
+    _map(obj, lambda _, t: tensors.setdefault(id(t), t))
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for t in tensors.values():
         groups.setdefault((t.dtype, t.device), []).append(t)
@@ -60,7 +63,7 @@ def pack(obj: Any) -> Any:
         shaped = [view.view(t.shape) for view, t in zip(flat, members)]
         torch._foreach_copy_(shaped, [t.detach() for t in members])  # one call, not one per tensor
         views.update({id(t): view for t, view in zip(members, shaped)})
-    return _map(obj, lambda t: views[id(t)])
+    return _map(obj, lambda _, t: views[id(t)])
 
 
 def _exclusive(tensors: list[Tensor]) -> bool:
@@ -90,18 +93,13 @@ def pack_into(obj: Any, block: Any) -> Any:
     anything else holds a view of ``block``'s storage. A caller that keeps ``block`` itself (not just views of it)
     must not call this: the write is visible through every reference to ``block``.
     """
-    new, old = list(_leaves(obj)), list(_leaves(block))
-    same = len(new) == len(old) and all(
-        p == q and t.shape == u.shape and t.dtype == u.dtype and t.device == u.device
-        for (p, t), (q, u) in zip(new, old)
-    )
-    distinct = list({id(u): u for _, u in old}.values())
-    if not same or not distinct or not _exclusive(distinct):
+    new, old = _leaves(obj), _leaves(block)
+    distinct = list({id(u): u for u in old.values()}.values())
+    if not _same_tensor_layout(new, old) or not distinct or not _exclusive(distinct):
         return pack(obj)
-    pairs = {id(u): (u, t) for (_, t), (_, u) in zip(new, old)}
+    pairs = {id(u): (u, t) for t, u in zip(new.values(), old.values())}
     torch._foreach_copy_([u for u, _ in pairs.values()], [t.detach() for _, t in pairs.values()])
-    targets = iter([u for _, u in old])
-    return _map(obj, lambda t: next(targets))
+    return _map(obj, lambda path, _: old[path])
 
 
 @functools.cache
@@ -123,19 +121,13 @@ def trim_heap() -> None:
 
 
 def _same_layout(live: dict[str, Any], stored: dict[str, Any]) -> bool:
-    if live["state"].keys() != stored["state"].keys() or len(live["param_groups"]) != len(stored["param_groups"]):
-        return False
-    for pid, saved in stored["state"].items():
-        current = live["state"][pid]
-        if current.keys() != saved.keys():
-            return False
-        for key, value in saved.items():
-            now = current[key]
-            if not (isinstance(value, Tensor) and isinstance(now, Tensor)):
-                return False
-            if now.shape != value.shape or now.dtype != value.dtype or now.device != value.device:
-                return False
-    return True
+    """Same parameter groups and the same state tensors, and nothing but tensors in the state."""
+    only_tensors = all(isinstance(v, Tensor) for d in (live, stored) for s in d["state"].values() for v in s.values())
+    return (
+        only_tensors
+        and len(live["param_groups"]) == len(stored["param_groups"])
+        and _same_tensor_layout(_leaves(live["state"]), _leaves(stored["state"]))
+    )
 
 
 @torch.no_grad()
@@ -149,7 +141,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, stored: dict[str, Any
     if not stored["state"] or not _same_layout(live, stored):
         optimizer.load_state_dict(copy.deepcopy(stored))
         return
-    pairs = [(live["state"][pid][key], value) for pid, saved in stored["state"].items() for key, value in saved.items()]
-    torch._foreach_copy_([now for now, _ in pairs], [value for _, value in pairs])
+    torch._foreach_copy_(list(_leaves(live["state"]).values()), list(_leaves(stored["state"]).values()))
     for group, saved in zip(optimizer.param_groups, stored["param_groups"]):
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
