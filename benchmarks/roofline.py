@@ -1,8 +1,10 @@
 """The decode roofline of this machine for the policy model, and how close our rollout backends get to it.
 
-    python benchmarks/roofline.py                       # embedded model, HF (LoRA merged, weights oneDNN-packed)
-    python benchmarks/roofline.py --backends '[hf, hf_plain, hf_static_compile, hf_lora, vllm, vllm_compile]'
+    python benchmarks/roofline.py                       # embedded model, HFRollout's default (the lean decoder)
+    python benchmarks/roofline.py --backends '[hf, hf_generate, hf_plain, hf_static_compile, hf_lora, vllm]'
 
+``hf`` is the lean decode loop; ``hf_generate``/``hf_plain`` are HF ``generate`` on the merged copy with packed/plain
+weights, ``hf_lora`` on the LoRA model itself.
 ``vllm*`` need the vllm extra. ``hf_static_compile`` decodes with a static KV cache and an inductor-compiled step;
 ``vllm_compile`` lets vLLM compile its model (``enforce_eager=False``).
 
@@ -116,17 +118,19 @@ def measure_decode(module: GRPOModule, backend: Any, batch: int, new_tokens: int
 
 
 def _backend(name: str, model: str) -> Any:
-    if name == "hf":  # the merged copy, its linears oneDNN-packed
-        return HFRollout(merged_copy=True)
-    if name == "hf_plain":  # the merged copy with plain weights
-        return HFRollout(merged_copy=True, packed_weights=False)
+    if name == "hf":  # the default: the lean decode loop (fused packed weights, adapter merged at packing)
+        return HFRollout()
+    if name == "hf_generate":  # HF generate on the merged copy, its linears oneDNN-packed
+        return HFRollout(lean_decoder=False, merged_copy=True)
+    if name == "hf_plain":  # HF generate on the merged copy with plain weights
+        return HFRollout(lean_decoder=False, merged_copy=True, packed_weights=False)
     if name == "hf_static_compile":  # plain merged copy, static KV cache, decode step compiled by inductor
         config = CompileConfig(fullgraph=False, mode="default", dynamic=False)
         config._compile_all_devices = True  # generate compiles only on accelerators unless told
         static = {"cache_implementation": "static", "compile_config": config}
-        return HFRollout(merged_copy=True, packed_weights=False, generate_kwargs=static)
-    if name == "hf_lora":
-        return HFRollout()
+        return HFRollout(lean_decoder=False, merged_copy=True, packed_weights=False, generate_kwargs=static)
+    if name == "hf_lora":  # HF generate on the LoRA model itself
+        return HFRollout(lean_decoder=False, merged_copy=False)
     if name in ("vllm", "vllm_compile"):
         from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
         from fedrl_lightning.rollout.vllm import VLLMRollout
@@ -136,7 +140,8 @@ def _backend(name: str, model: str) -> Any:
         engine = VLLMRollout(enforce_eager=name == "vllm")
         VLLMWeightSync(method="merge").attach(engine)
         return engine
-    raise ValueError(f"unknown backend {name!r}: hf, hf_plain, hf_static_compile, hf_lora, vllm or vllm_compile")
+    names = "hf, hf_generate, hf_plain, hf_static_compile, hf_lora, vllm or vllm_compile"
+    raise ValueError(f"unknown backend {name!r}: {names}")
 
 
 def main(

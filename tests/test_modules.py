@@ -84,15 +84,16 @@ def test_hf_rollout_shapes_groups_and_masks():
 def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
     module = make_module(num_generations=2, max_completion_length=6, temperature=0.0)
     prompts = [p["prompt"] for p in PROMPTS]
-    merged = HFRollout(merged_copy=True)
+    merged, lean = HFRollout(lean_decoder=False, merged_copy=True), HFRollout()
     for seed in range(2):  # the second adapter checks that the copy is refreshed, not built once
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in module.trainable_parameters().items():
                 p.add_(0.5 * torch.randn(p.shape, generator=gen))
-        expected = HFRollout(merged_copy=False).generate(module, prompts, module.sampling)
+        expected = HFRollout(lean_decoder=False, merged_copy=False).generate(module, prompts, module.sampling)
         got = merged.generate(module, prompts, module.sampling)
         assert torch.equal(got.completion_ids, expected.completion_ids)
+        assert torch.equal(lean.generate(module, prompts, module.sampling).completion_ids, expected.completion_ids)
     base = module.model.get_base_model()
     q = base.model.layers[0].self_attn.q_proj
     copy_q = merged._copy.model.layers[0].self_attn.q_proj
@@ -100,10 +101,10 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
     x = torch.randn(3, q.in_features)
     expected_q = torch.nn.functional.linear(x, q.base_layer.weight + q.get_delta_weight("default"), q.base_layer.bias)
     torch.testing.assert_close(copy_q(x), expected_q, rtol=1e-5, atol=1e-5)
-    auto = HFRollout()  # merged_copy=None: on for a LoRA model on CPU
+    auto = HFRollout(lean_decoder=False)  # merged_copy=None: on for a LoRA model on CPU
     auto.generate(module, prompts[:1], module.sampling)
     assert auto._copy is not None and auto._copy_of is module.model
-    plain = HFRollout(merged_copy=True, packed_weights=False)
+    plain = HFRollout(lean_decoder=False, merged_copy=True, packed_weights=False)
     plain.generate(module, prompts, module.sampling)
     plain_q = plain._copy.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(plain_q.weight, q.base_layer.weight + q.get_delta_weight("default"))
@@ -111,12 +112,13 @@ def test_merged_copy_decodes_like_the_lora_policy_and_follows_adapter_updates():
     first = int(expected.completion_ids[0, 0])
     module.model.generation_config.eos_token_id = first
     try:
-        stopped = HFRollout().generate(module, prompts[:1], module.sampling)
-        forced = HFRollout().generate(module, prompts[:1], replace(module.sampling, min_tokens=6))
+        for rollout in (HFRollout(lean_decoder=False), HFRollout()):
+            stopped = rollout.generate(module, prompts[:1], module.sampling)
+            forced = rollout.generate(module, prompts[:1], replace(module.sampling, min_tokens=6))
+            assert stopped.completion_mask.sum(dim=1).tolist() == [1, 1]
+            assert forced.completion_mask.sum(dim=1).tolist() == [6, 6]
     finally:
         module.model.generation_config.eos_token_id = module.tokenizer.eos_token_id
-    assert stopped.completion_mask.sum(dim=1).tolist() == [1, 1]
-    assert forced.completion_mask.sum(dim=1).tolist() == [6, 6]
 
 
 def test_packed_linear_computes_the_linear_and_follows_new_weights():

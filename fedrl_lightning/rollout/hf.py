@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
+from fedrl_lightning.rollout.decoder import LeanDecoder, UnsupportedModel, check_supported
 from fedrl_lightning.rollout.packed import load_weight, pack_linears
 
 
@@ -39,11 +40,17 @@ def encode_prompts(tokenizer: Any, prompts: list[Any], max_prompt_length: int | 
 
 
 class HFRollout:
-    """Batched HF ``generate`` for all prompts x ``num_generations`` at once.
+    """Batched decoding of all prompts x ``num_generations`` at once on the live policy: the lean decode loop
+    (``rollout.decoder``) where it applies, else HF ``generate``.
 
     Args:
         max_prompt_length: keep at most this many prompt tokens (left-truncated); None keeps all.
         generation_batch_size: completions per ``generate`` call; None does the whole batch in one call.
+        lean_decoder: decode with ``LeanDecoder``: fused, oneDNN-packed weights with the adapter merged in as they are
+            packed, a preallocated KV cache, each prompt prefilled once for its ``num_generations`` copies.
+            None (the default) = on for a supported (Llama-family) model on CPU when no ``generate_kwargs`` are
+            given: 1.5x HF ``generate`` on the merged packed copy at batch 8 (``benchmarks/NOTES.md``). True on an
+            unsupported model is an error; ``merged_copy``/``packed_weights`` then do not apply.
         merged_copy: decode with a plain copy of the base model into which the current adapter is merged before
             each call (one extra copy of the base weights, not per client), so the decode loop runs no LoRA
             matmuls. The copy is rebuilt from the frozen base each time: no rounding drift accumulates. None (the
@@ -59,17 +66,42 @@ class HFRollout:
         self,
         max_prompt_length: int | None = 512,
         generation_batch_size: int | None = None,
+        lean_decoder: bool | None = None,
         merged_copy: bool | None = None,
         packed_weights: bool = True,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.max_prompt_length = max_prompt_length
         self.generation_batch_size = generation_batch_size
+        self.lean_decoder = lean_decoder
         self.merged_copy = merged_copy
         self.packed_weights = packed_weights
         self.generate_kwargs = dict(generate_kwargs or {})
         self._copy: Any = None
         self._copy_of: Any = None
+        self._decoder: LeanDecoder | None = None
+        self._decoder_of: Any = None
+
+    def uses_lean_decoder(self, model: Any) -> bool:
+        """Whether ``generate`` on ``model`` runs the lean decode loop (see ``lean_decoder``)."""
+        if self.lean_decoder is False:
+            return False
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        try:
+            check_supported(base.config)
+        except UnsupportedModel as err:
+            if self.lean_decoder:
+                raise UnsupportedModel(f"HFRollout(lean_decoder=True): unsupported model: {err}") from None
+            return False
+        return bool(self.lean_decoder) or (not self.generate_kwargs and next(model.parameters()).device.type == "cpu")
+
+    def decoder(self, model: Any) -> LeanDecoder:
+        """The lean decoder of ``model``, its packed weights brought up to the current parameters."""
+        if self._decoder is None or self._decoder_of is not model:
+            self._decoder, self._decoder_of = LeanDecoder(model), model
+        else:
+            self._decoder.load(model)
+        return self._decoder
 
     @torch.no_grad()
     def merged_model(self, peft_model: Any) -> Any:
@@ -90,7 +122,8 @@ class HFRollout:
     @torch.no_grad()
     def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
         model, tokenizer = module.model, module.tokenizer
-        merged = self.merged_copy
+        lean = self.uses_lean_decoder(model)
+        merged = False if lean else self.merged_copy
         if merged is None:
             merged = next(model.parameters()).device.type == "cpu" and _has_lora(model)
         if merged:
@@ -119,8 +152,24 @@ class HFRollout:
         step = self.generation_batch_size or len(prompt_ids)
         chunks = []
         try:
+            decoder = self.decoder(model) if lean else None
             for start in range(0, len(prompt_ids), step):
                 ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+                if decoder is not None:
+                    chunks.append(
+                        decoder.generate(
+                            ids,
+                            mask,
+                            params.max_completion_length,
+                            eos_ids,
+                            tokenizer.pad_token_id,
+                            temperature=params.temperature,
+                            top_p=params.top_p,
+                            top_k=params.top_k,
+                            min_new_tokens=params.min_tokens,
+                        )
+                    )
+                    continue
                 out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
                 chunks.append(out[:, ids.shape[1] :])
         finally:

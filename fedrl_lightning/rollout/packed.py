@@ -16,13 +16,15 @@ from torch import Tensor, nn
 
 
 def available(weight: Tensor) -> bool:
-    """oneDNN packing serves fp32 and bf16 weights on CPU builds that have it."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    """oneDNN packing serves fp32 weights on CPU builds that have it, and bf16 where the CPU has the instructions
+    oneDNN's bf16 path needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
 class PackedLinear(nn.Module):

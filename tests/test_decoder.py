@@ -1,0 +1,174 @@
+"""The lean decode loop against HF: logits at every step, greedy tokens, sampling, filtering, weight refresh."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from fedrl_lightning.rollout import decoder as dec
+from fedrl_lightning.rollout.decoder import LeanDecoder, UnsupportedModel, check_supported, filter_logits, sample
+from fedrl_lightning.rollout.hf import HFRollout
+
+VOCAB = 96
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _config(kind: str, dtype: str = "float32"):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.3,  # large weights: varied greedy tokens, so the comparison means something
+        rope_theta=5000.0,
+        tie_word_embeddings=True,
+        dtype=dtype,
+    )
+    return Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
+
+
+def _model(kind: str, lora: bool, dtype: str = "float32"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(kind, dtype), attn_implementation="eager")
+    model = model.to(getattr(torch, dtype)).eval()
+    if kind == "qwen2":  # q/k/v carry biases; HF initialises them to zero
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0.0, 0.3)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+        _perturb(model, seed=1)
+    return model
+
+
+def _perturb(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.2)
+
+
+def _prompts():
+    """Three left-padded prompts of different lengths; the third repeats the first (shared prefill)."""
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(2, VOCAB, (n,), generator=gen) for n in (7, 3)]
+    rows.append(rows[0])
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 7 - len(r) :], mask[i, 7 - len(r) :] = r, 1
+    return ids, mask
+
+
+def _hf_logits(model, ids, mask, completion):
+    """HF's logits for each completion position given everything before it: (B, C, V)."""
+    full_ids = torch.cat([ids, completion], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(completion)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits
+    return logits[:, ids.shape[1] - 1 : -1].float()
+
+
+@pytest.mark.parametrize("kind, lora", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora):
+    model = _model(kind, lora)
+    ids, mask = _prompts()
+    seen = []
+    monkeypatch.setattr(dec, "sample", lambda logits, *a: seen.append(logits.clone()) or logits.argmax(-1))
+    out = LeanDecoder(model).generate(ids, mask, 10, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    assert out.shape == (3, 10)
+    torch.testing.assert_close(torch.stack(seen, dim=1), _hf_logits(model, ids, mask, out), rtol=1e-4, atol=1e-4)
+    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, hf[:, ids.shape[1] :])
+    assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+    assert len(out.unique()) > 5  # not a degenerate repeat of one token
+
+
+def test_bf16_logits_track_hf_bf16(monkeypatch):
+    model = _model("llama", lora=True, dtype="bfloat16")
+    ids, mask = _prompts()
+    seen = []
+    monkeypatch.setattr(dec, "sample", lambda logits, *a: seen.append(logits.clone()) or logits.argmax(-1))
+    out = LeanDecoder(model).generate(ids, mask, 6, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    ours, ref = torch.stack(seen, dim=1), _hf_logits(model, ids, mask, out)
+    assert (ours - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16 rounding in a different order
+
+
+def test_eos_ends_a_row_with_padding_and_min_tokens_suppresses_it():
+    model = _model("llama", lora=False)
+    ids, mask = _prompts()
+    decoder = LeanDecoder(model)
+    greedy = decoder.generate(ids, mask, 8, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    eos = int(greedy[1, 2])  # row 1's third token becomes the EOS
+    out = decoder.generate(ids, mask, 8, eos_token_ids=[eos], pad_token_id=0, temperature=0)
+    row = out[1].tolist()
+    assert row[:3] == greedy[1, :3].tolist() and set(row[3:]) <= {0}
+    forced = decoder.generate(ids, mask, 8, eos_token_ids=[eos], pad_token_id=0, temperature=0, min_new_tokens=8)
+    assert forced.shape == (3, 8) and eos not in forced[:, :8].tolist()[1][:8]
+    all_eos = decoder.generate(ids, mask, 8, eos_token_ids=greedy[:, 0].tolist(), pad_token_id=0, temperature=0)
+    assert all_eos.shape == (3, 1)  # every row ended: the loop stops
+
+
+def test_load_repacks_only_what_changed_and_follows_the_adapter():
+    model = _model("llama", lora=True)
+    decoder = LeanDecoder(model)
+    ids, mask = _prompts()
+    before = decoder.generate(ids, mask, 8, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    assert decoder.load(model) == 0  # nothing changed
+    with torch.no_grad():
+        model.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight.add_(0.5)
+    assert decoder.load(model) == 1  # one fused matmul; the tied lm_head and the other layers are kept
+    _perturb(model, seed=5)
+    assert decoder.load(model) == 2 * 4  # every LoRA-targeted fused matmul; still not the lm_head
+    after = decoder.generate(ids, mask, 8, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    assert torch.equal(after, LeanDecoder(model).generate(ids, mask, 8, [-1], 0, temperature=0))
+    assert not torch.equal(after, before)
+
+
+def test_sampling_draws_from_the_softmax_at_the_temperature():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0, 0.5]]).repeat(200_000, 1)
+    tokens = sample(logits, temperature=0.7)
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert (freq - expected).abs().max() < 0.005
+    assert freq[4] == 0  # negligible-probability token never drawn
+    assert torch.equal(sample(logits[:3], temperature=0), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (None, 0.8), (5, 0.6), (None, 0.01)])
+def test_filter_matches_hf_warpers(top_k, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(16, 50) * 3
+    expected = logits.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    assert torch.equal(filter_logits(logits, top_p, top_k), expected)
+    kept = torch.isfinite(expected)
+    tokens = sample(logits.repeat(50, 1), 1.0, top_p, top_k)
+    assert kept.repeat(50, 1).gather(1, tokens[:, None]).all()  # only kept tokens are drawn
+
+
+def test_unsupported_models_are_named_and_hf_rollout_falls_back():
+    with pytest.raises(UnsupportedModel, match="model_type 'gpt2'"):
+        check_supported(GPT2Config())
+    with pytest.raises(UnsupportedModel, match="hidden_act 'gelu'"):
+        check_supported(LlamaConfig(hidden_act="gelu"))
+    with pytest.raises(UnsupportedModel, match="rope_type 'linear'"):
+        check_supported(LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    assert not HFRollout().uses_lean_decoder(gpt2)
+    with pytest.raises(UnsupportedModel, match=r"lean_decoder=True.*'gpt2'"):
+        HFRollout(lean_decoder=True).uses_lean_decoder(gpt2)
+    llama = _model("llama", lora=False)
+    assert HFRollout().uses_lean_decoder(llama)
+    assert not HFRollout(generate_kwargs={"repetition_penalty": 1.1}).uses_lean_decoder(llama)
