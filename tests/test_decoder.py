@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from fedrl_lightning.rollout import decoder as dec
+from fedrl_lightning.rollout import kernels
 from fedrl_lightning.rollout.decoder import LeanDecoder, UnsupportedModel, check_supported, filter_logits, sample
 from fedrl_lightning.rollout.hf import HFRollout
 
@@ -76,13 +77,21 @@ def _hf_logits(model, ids, mask, completion):
     return logits[:, ids.shape[1] - 1 : -1].float()
 
 
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no AVX2 CPU or no C++ compiler")
+
+
 @pytest.mark.parametrize("kind, lora", [("llama", False), ("llama", True), ("qwen2", True)])
-def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora):
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_kernels), False])
+def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora, compiled):
     model = _model(kind, lora)
     ids, mask = _prompts()
     seen = []
     monkeypatch.setattr(dec, "sample", lambda logits, *a: seen.append(logits.clone()) or logits.argmax(-1))
-    out = LeanDecoder(model).generate(ids, mask, 10, eos_token_ids=[-1], pad_token_id=0, temperature=0)
+    if not compiled:  # oneDNN matmuls and torch ops
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    decoder = LeanDecoder(model)
+    assert decoder.fused(100) == compiled
+    out = decoder.generate(ids, mask, 10, eos_token_ids=[-1], pad_token_id=0, temperature=0)
     assert out.shape == (3, 10)
     torch.testing.assert_close(torch.stack(seen, dim=1), _hf_logits(model, ids, mask, out), rtol=1e-4, atol=1e-4)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -172,3 +181,32 @@ def test_unsupported_models_are_named_and_hf_rollout_falls_back():
     llama = _model("llama", lora=False)
     assert HFRollout().uses_lean_decoder(llama)
     assert not HFRollout(generate_kwargs={"repetition_penalty": 1.1}).uses_lean_decoder(llama)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, kernels.LARGE_M + 1])
+def test_kernel_linear_computes_the_linear_with_bias_and_residual(rows):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(13, 20), torch.randn(13), torch.randn(rows, 20)  # 13: a zero-padded last panel
+    packed = kernels.pack(weight)
+    assert packed.shape == (2, 20, 8)
+    torch.testing.assert_close(kernels.unpack(packed, 13), weight)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(kernels.linear(x, packed, 13, bias), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.linear(x, packed, 13), x @ weight.T, rtol=1e-5, atol=1e-5)
+    residual = torch.randn(rows, 13)
+    target = residual + expected
+    out = kernels.linear(x, packed, 13, bias, residual=residual)
+    assert out.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_kernel_glue_matches_torch():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 24), torch.randn(24)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (24,), w, 1e-5))
+    gate_up = torch.randn(4, 2 * 20) * 8  # 20: two vector blocks and a scalar tail; large |gate| tests the clamp
+    gate_up[0, :3] = torch.tensor([-200.0, 200.0, 0.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)

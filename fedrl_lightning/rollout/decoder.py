@@ -1,10 +1,11 @@
-"""A lean decode loop for Llama-family causal LMs: fused, oneDNN-packed weights and a preallocated KV cache.
+"""A lean decode loop for Llama-family causal LMs: fused, packed weights and a preallocated KV cache.
 
 HF ``generate`` spends about half of a CPU decode step outside the matmuls (cache bookkeeping, logits processors,
 per-module dispatch). This loop runs the same mathematics with what a step needs and nothing else:
 
-- q/k/v and gate/up are fused into one matmul each (4 matmuls per layer instead of 7), weights oneDNN-packed
-  (``rollout.packed``), with the LoRA adapter merged in as they are packed: no copy of the HF model is kept;
+- q/k/v and gate/up are fused into one matmul each (4 matmuls per layer instead of 7), their weights packed for
+  the skinny-matmul kernel (``rollout.kernels``; oneDNN's layout where it is unavailable) with the LoRA adapter
+  merged in as they are packed: no copy of the HF model is kept;
 - the KV cache is allocated once per call, (batch, kv_heads, prompt + new tokens, head_dim) per layer, and
   attention for the one new token is two batched matmuls over the grouped heads;
 - sampling draws one uniform per row and inverts the CDF (HF draws one exponential per vocabulary entry).
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fedrl_lightning.rollout import kernels
 from fedrl_lightning.rollout.packed import available
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -114,14 +116,24 @@ class _Linear:
                 bias = bias.clone()
                 bias[:rows] *= scale
         weight = weight.contiguous()
-        self.packed = available(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint) if self.packed else weight
+        self.out_features = weight.shape[0]
+        if kernels.available(weight):
+            self.kind, self.weight = "kernel", kernels.pack(weight)
+        elif available(weight):
+            self.kind, self.weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
+        else:
+            self.kind, self.weight = "plain", weight
         self.bias = None if bias is None else bias.contiguous()
         self.key = key
         return True
 
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.packed:
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x @ W^T + b; with ``residual``, added into it in place (the kernel fuses the add)."""
+        if self.kind == "kernel":
+            return kernels.linear(x, self.weight, self.out_features, self.bias, residual)
+        if residual is not None:
+            return residual.add_(self(x))
+        if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -236,6 +248,27 @@ class LeanDecoder:
             x = x + layer["down"](F.silu(gate).mul_(up))
         return x
 
+    def fused(self, total: int) -> bool:
+        """Whether decode steps can run on the compiled kernels (fp32 matmuls on them, context within their bounds)."""
+        matmuls = [m for layer in self.layers for m in layer.values() if isinstance(m, _Linear)] + [self.lm_head]
+        return all(m.kind == "kernel" for m in matmuls) and total <= 8192 and self.head_dim <= 1024
+
+    def _step(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: list[tuple[Tensor, Tensor]], pos: int, mask: Tensor
+    ) -> Tensor:
+        """One decode position on the compiled kernels: ``x`` (B, hidden) is updated in place and returned.
+
+        ``cos``/``sin`` are (B, head_dim); ``mask`` is the additive key mask (B, T).
+        """
+        h = self.heads
+        for layer, (k_cache, v_cache) in zip(self.layers, cache):
+            qkv = layer["qkv"](kernels.rms_norm(x, layer["norm1"], self.eps))
+            kernels.rope_cache(qkv, cos, sin, k_cache, v_cache, h, pos)
+            layer["o"](kernels.attend(qkv, k_cache, v_cache, mask, h, pos + 1), residual=x)
+            gate_up = layer["gate_up"](kernels.rms_norm(x, layer["norm2"], self.eps))
+            layer["down"](kernels.silu_mul(gate_up), residual=x)
+        return x
+
     @torch.no_grad()
     def generate(
         self,
@@ -268,15 +301,19 @@ class LeanDecoder:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         cache = self._prefill(input_ids, keep[:, :p], total)
         hidden = cache.pop()
-        key_mask = torch.zeros(b, 1, 1, 1, total, dtype=dtype, device=device)
-        key_mask.masked_fill_(~keep[:, None, None, None, :], float("-inf"))
+        key_mask = torch.zeros(b, total, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
         steps = positions[:, -1:] + 1 + torch.arange(max_new_tokens, device=device)
-        step_cos, step_sin = self._rope(steps, dtype)  # one table for every decode position, sliced per step
+        cos, sin = self._rope(steps.T, dtype)  # (C, B, D): one table for every decode position, a row per step
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        fused = self.fused(total)
+        hidden = hidden[:, -1]
         for step in range(max_new_tokens):
-            logits = self.lm_head(self._rms_norm(hidden[:, -1], self.norm)).float()
+            if fused:
+                logits = self.lm_head(kernels.rms_norm(hidden, self.norm, self.eps))
+            else:
+                logits = self.lm_head(self._rms_norm(hidden, self.norm)).float()
             if step < min_new_tokens:
                 logits[:, eos] = float("-inf")
             token = sample(logits, temperature, top_p, top_k).masked_fill_(finished, pad_token_id)
@@ -285,8 +322,13 @@ class LeanDecoder:
             if step + 1 == max_new_tokens or (step + 1 >= min_new_tokens and bool(finished.all())):
                 return out[:, : step + 1]
             pos = p + step
-            rope = step_cos[:, step : step + 1], step_sin[:, step : step + 1]
-            hidden = self._forward(F.embedding(token[:, None], self.embed), *rope, cache, pos, key_mask[..., : pos + 1])
+            x = F.embedding(token, self.embed)
+            if fused:
+                hidden = self._step(x, cos[step], sin[step], cache, pos, key_mask)
+            else:
+                rope = cos[step, :, None], sin[step, :, None]
+                mask = key_mask[:, None, None, None, : pos + 1]
+                hidden = self._forward(x[:, None], *rope, cache, pos, mask)[:, 0]
         return out
 
     def _prefill(self, input_ids: Tensor, keep: Tensor, total: int) -> list[Any]:
