@@ -55,15 +55,19 @@ def _perturb(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.2)
 
 
-def _prompts():
-    """Three left-padded prompts of different lengths; the third repeats the first (shared prefill)."""
+def _prompts(repeat: bool = True):
+    """Three left-padded prompts of different lengths. ``repeat``: the third repeats the first (a shared prefill);
+    else three distinct ones, in the order the prefill's de-duplication sorts rows (so none is copied)."""
     gen = torch.Generator().manual_seed(2)
-    rows = [torch.randint(2, VOCAB, (n,), generator=gen) for n in (7, 3)]
-    rows.append(rows[0])
+    rows = [torch.randint(2, VOCAB, (n,), generator=gen) for n in (7, 3, 5)]
+    rows[2] = rows[0] if repeat else rows[2]
     ids = torch.zeros(3, 7, dtype=torch.long)
     mask = torch.zeros(3, 7, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, 7 - len(r) :], mask[i, 7 - len(r) :] = r, 1
+    if not repeat:
+        ordered = torch.unique(torch.cat([ids, mask], dim=1), dim=0)
+        ids, mask = ordered[:, :7], ordered[:, 7:]
     return ids, mask
 
 
@@ -80,11 +84,11 @@ def _hf_logits(model, ids, mask, completion):
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no AVX2 CPU or no C++ compiler")
 
 
-@pytest.mark.parametrize("kind, lora", [("llama", False), ("llama", True), ("qwen2", True)])
+@pytest.mark.parametrize("kind, lora, repeat", [("llama", False, True), ("llama", True, False), ("qwen2", True, True)])
 @pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_kernels), False])
-def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora, compiled):
+def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora, repeat, compiled):
     model = _model(kind, lora)
-    ids, mask = _prompts()
+    ids, mask = _prompts(repeat)
     seen = []
     monkeypatch.setattr(dec, "sample", lambda logits, *a: seen.append(logits.clone()) or logits.argmax(-1))
     if not compiled:  # oneDNN matmuls and torch ops
@@ -96,7 +100,7 @@ def test_logits_at_every_step_and_greedy_tokens_match_hf(monkeypatch, kind, lora
     torch.testing.assert_close(torch.stack(seen, dim=1), _hf_logits(model, ids, mask, out), rtol=1e-4, atol=1e-4)
     hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(out, hf[:, ids.shape[1] :])
-    assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
+    assert torch.equal(out[0], out[2]) == repeat and not torch.equal(out[0], out[1]) and (mask == 0).any()
     assert len(out.unique()) > 5  # not a degenerate repeat of one token
 
 

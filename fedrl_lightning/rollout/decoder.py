@@ -308,7 +308,7 @@ class LeanDecoder:
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         fused = self.fused(total)
-        hidden = hidden[:, -1]
+        hidden = hidden[:, -1].contiguous()  # the residual stream the fused steps update in place
         for step in range(max_new_tokens):
             if fused:
                 logits = self.lm_head(kernels.rms_norm(hidden, self.norm, self.eps))

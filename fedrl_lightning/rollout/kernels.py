@@ -106,7 +106,7 @@ def linear(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = None, residu
         y = torch.nn.functional.linear(x, unpack(packed, n), bias)
         return y if residual is None else residual.add_(y)
     rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype) if residual is None else residual
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype) if residual is None else _writable(residual)
     bias_ptr = None if bias is None else bias.data_ptr()
     library().skinny_linear(
         rows.data_ptr(),
@@ -122,8 +122,16 @@ def linear(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = None, residu
     return out.view(*x.shape[:-1], n)
 
 
+def _writable(t: Tensor) -> Tensor:
+    """A tensor the kernels write into: it must be laid out as they index it."""
+    if not t.is_contiguous() or t.dtype != torch.float32:
+        raise ValueError(f"decode kernels write into contiguous fp32 tensors, got {t.dtype} strides {t.stride()}")
+    return t
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """(..., K) -> (..., K): x * rsqrt(mean(x^2) + eps) * weight."""
+    x = x.contiguous()
     out = torch.empty_like(x)
     library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
@@ -135,6 +143,8 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: 
     ``cos``/``sin`` are (B, D), sin's first half negated (``LeanDecoder._rope``).
     """
     b, kvh, t, d = k_cache.shape
+    qkv, cos, sin = _writable(qkv), cos.contiguous(), sin.contiguous()
+    _writable(k_cache), _writable(v_cache)
     library().rope_cache(
         qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, heads, kvh, d, t, pos
     )
@@ -146,6 +156,7 @@ def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, heads: i
     ``mask`` is the additive key mask (B, T); the 1/sqrt(D) scale is already in q.
     """
     b, kvh, t, d = k_cache.shape
+    qkv, k_cache, v_cache, mask = (v.contiguous() for v in (qkv, k_cache, v_cache, mask))
     out = torch.empty(b, heads * d, dtype=qkv.dtype)
     library().attend(
         qkv.data_ptr(),
@@ -166,6 +177,7 @@ def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, heads: i
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """(M, 2I) -> (M, I): silu(gate) * up."""
+    gate_up = gate_up.contiguous()
     m, width = gate_up.shape
     out = torch.empty(m, width // 2, dtype=gate_up.dtype)
     library().silu_mul(gate_up.data_ptr(), out.data_ptr(), m, width // 2)
