@@ -1,7 +1,10 @@
 """Our GRPO step against TRL's ``GRPOTrainer`` step on the same work, A/B in one process.
 
     make bench-trl           # installs TRL into .venv-trl (never a project dependency), then runs this
-    PYTHONPATH=.venv-trl .venv/bin/python benchmarks/vs_trl.py --steps 4 --backend hf
+    PYTHONPATH=.venv-trl .venv/bin/python benchmarks/vs_trl.py --steps 4 --backend vllm
+
+``--backend hf`` (the default) is ``HFRollout``, the trainer's default: on CPU the lean decode loop, which outruns
+vLLM's CPU backend here (``benchmarks/NOTES.md``).
 
 Same model (the embedded SmolLM2-135M, float32), LoRA (r=16, alpha=32, all linear layers), prompts (reasoning-gym
 ``basic_arithmetic``), reward (``accuracy_reward``), ``num_generations``, completions per step, temperature,
@@ -154,7 +157,7 @@ def main(
     temperature: float = 0.7,
     learning_rate: float = 1e-5,
     lora_r: int = 16,
-    backend: Literal["vllm", "hf"] = "vllm",
+    backend: Literal["hf", "vllm"] = "hf",
     clients: int = 4,
     tolerance: float = 1e-4,
     seed: int = 0,
