@@ -18,30 +18,25 @@
 template <int R>
 static inline void panel(const float* __restrict x, int64_t K, const float* __restrict p, float* __restrict y,
                          int64_t ldy, int cols, const float* __restrict bias, bool accumulate) {
+  // Every loop over rows is unrolled, so the accumulators live in registers only (without it GCC also stored each
+  // one to the stack after every FMA, and the store port, not memory, bounded the kernel).
+  float init[R][8] = {};
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < cols; ++c) init[r][c] = (bias ? bias[c] : 0.0f) + (accumulate ? y[r * ldy + c] : 0.0f);
   __m256 acc[R];
-  float b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if (bias) std::memcpy(b, bias, sizeof(float) * cols);
-  for (int r = 0; r < R; ++r) {
-    float init[8];
-    std::memcpy(init, b, sizeof(init));
-    if (accumulate)
-      for (int c = 0; c < cols; ++c) init[c] += y[r * ldy + c];
-    acc[r] = _mm256_loadu_ps(init);
-  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_loadu_ps(init[r]);
   for (int64_t k = 0; k < K; ++k) {
     if ((k & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + k * 8 + PREFETCH), _MM_HINT_T0);
     const __m256 w = _mm256_loadu_ps(p + k * 8);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * K + k), w, acc[r]);
   }
-  for (int r = 0; r < R; ++r) {
-    if (cols == 8) {
-      _mm256_storeu_ps(y + r * ldy, acc[r]);
-    } else {  // the last, zero-padded panel
-      float out[8];
-      _mm256_storeu_ps(out, acc[r]);
-      std::memcpy(y + r * ldy, out, sizeof(float) * cols);
-    }
-  }
+  float out[R][8];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, out[r], sizeof(float) * cols);
 }
 
 extern "C" void skinny_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N,
