@@ -104,10 +104,13 @@ class _Linear:
         key = self._key(modules)
         if key == self.key:
             return False
-        weight = torch.cat([effective_weight(m).detach() for m in modules]) if len(modules) > 1 else None
-        weight = effective_weight(modules[0]).detach() if weight is None else weight
+        weights = [effective_weight(m).detach() for m in modules]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         biases = [_bias(m) for m in modules]
-        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        if all(b is None for b in biases):
+            bias = None
+        else:  # a layer without a bias among fused ones with biases adds zeros
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
         if self.row_scale is not None:
             rows, scale = self.row_scale
             weight = weight.clone()
