@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 from fedrl_lightning.rollout import kernels
@@ -54,9 +55,19 @@ def _rope_theta(config: Any) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_lora(module: Any) -> bool:
+    """A PEFT LoRA layer that can compute its weight delta."""
+    return isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight")
+
+
 def _sources(module: Any) -> list[Tensor]:
     """The tensors a linear layer's effective weight is computed from (base weight, LoRA factors)."""
-    if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A"):
+    if is_lora(module):
         out = [module.get_base_layer().weight]
         for name in module.active_adapters:
             if name in module.lora_A:
@@ -67,7 +78,7 @@ def _sources(module: Any) -> list[Tensor]:
 
 def effective_weight(module: Any) -> Tensor:
     """A linear layer's weight with its active, unmerged LoRA adapters merged in (W + scale * B @ A)."""
-    if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A"):
+    if is_lora(module):
         base = weight = module.get_base_layer().weight
         for name in module.active_adapters:
             if name in module.lora_A and not module.merged:
@@ -150,7 +161,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model: Any, batch_hint: int = 8) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         check_supported(base.config)
         self.config, self.batch_hint = base.config, batch_hint
         cfg = self.config
@@ -166,7 +177,7 @@ class LeanDecoder:
     def load(self, model: Any) -> int:
         """Bring every packed weight up to ``model``'s current parameters (adapters merged); returns how many
         fused matmuls were repacked."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         hint, fresh = self.batch_hint, not self.layers
         groups = []
         for layer in base.model.layers:
@@ -301,17 +312,16 @@ class LeanDecoder:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         keep = torch.ones(b, total, dtype=torch.bool, device=device)
         keep[:, :p] = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-        cache = self._prefill(input_ids, keep[:, :p], total)
-        hidden = cache.pop()
+        cache, hidden = self._prefill(input_ids, keep[:, :p], total)
         key_mask = torch.zeros(b, total, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
-        steps = positions[:, -1:] + 1 + torch.arange(max_new_tokens, device=device)
+        # The first new token's position is the prompt's length (left padding does not count).
+        steps = attention_mask.long().sum(-1, keepdim=True).clamp_(min=1) + torch.arange(max_new_tokens, device=device)
         cos, sin = self._rope(steps.T, dtype)  # (C, B, D): one table for every decode position, a row per step
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         finished = torch.zeros(b, dtype=torch.bool, device=device)
         out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         fused = self.fused(total)
-        hidden = hidden[:, -1].contiguous()  # the residual stream the fused steps update in place
+        hidden = hidden.contiguous()  # the residual stream the fused steps update in place
         for step in range(max_new_tokens):
             if fused:
                 logits = self.lm_head(kernels.rms_norm(hidden, self.norm, self.eps))
@@ -334,9 +344,9 @@ class LeanDecoder:
                 hidden = self._forward(x[:, None], *rope, cache, pos, mask)[:, 0]
         return out
 
-    def _prefill(self, input_ids: Tensor, keep: Tensor, total: int) -> list[Any]:
-        """Run the prompts into a fresh KV cache of length ``total``; returns the per-layer (k, v) caches followed
-        by the last prompt position's hidden state (B, 1, hidden).
+    def _prefill(self, input_ids: Tensor, keep: Tensor, total: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Run the prompts into a fresh KV cache of length ``total``; returns the per-layer (k, v) caches and the
+        last prompt position's hidden state (B, hidden).
 
         Identical prompt rows (a prompt's ``num_generations`` copies) are computed once and their cache rows copied.
         """
@@ -357,8 +367,8 @@ class LeanDecoder:
         mask = torch.zeros(u, 1, 1, p, p, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         x = self._forward(F.embedding(ids, self.embed), *self._rope(positions, dtype), cache, 0, mask)
         if torch.equal(inverse, torch.arange(b, device=device)):  # distinct prompts, already in order
-            return [*cache, x[:, -1:]]
-        return [*[(k[inverse], v[inverse]) for k, v in cache], x[inverse, -1:]]
+            return cache, x[:, -1]
+        return [(k[inverse], v[inverse]) for k, v in cache], x[inverse, -1]
 
 
 def filter_logits(logits: Tensor, top_p: float = 1.0, top_k: int | None = None) -> Tensor:

@@ -6,10 +6,16 @@ import copy
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
-from fedrl_lightning.rollout.decoder import LeanDecoder, UnsupportedModel, check_supported
+from fedrl_lightning.rollout.decoder import (
+    LeanDecoder,
+    UnsupportedModel,
+    base_model,
+    check_supported,
+    effective_weight,
+    is_lora,
+)
 from fedrl_lightning.rollout.packed import load_weight, pack_linears
 
 
@@ -86,9 +92,8 @@ class HFRollout:
         """Whether ``generate`` on ``model`` runs the lean decode loop (see ``lean_decoder``)."""
         if self.lean_decoder is False:
             return False
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         try:
-            check_supported(base.config)
+            check_supported(base_model(model).config)
         except UnsupportedModel as err:
             if self.lean_decoder:
                 raise UnsupportedModel(f"HFRollout(lean_decoder=True): unsupported model: {err}") from None
@@ -113,10 +118,8 @@ class HFRollout:
             self._copy_of = peft_model
         targets = dict(self._copy.named_modules())
         for name, layer in peft_model.named_modules():
-            if isinstance(layer, LoraLayer) and hasattr(layer, "get_delta_weight"):
-                base = layer.get_base_layer().weight
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                load_weight(targets[name.removeprefix("base_model.model.")], base + delta)
+            if is_lora(layer):
+                load_weight(targets[name.removeprefix("base_model.model.")], effective_weight(layer))
         return self._copy
 
     @torch.no_grad()
@@ -185,7 +188,7 @@ class HFRollout:
 
 
 def _has_lora(model: Any) -> bool:
-    return any(isinstance(m, LoraLayer) for m in model.modules())
+    return any(is_lora(m) for m in model.modules())
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
