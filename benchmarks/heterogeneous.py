@@ -29,8 +29,7 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from fedrl_lightning.aggregation import FedAdam, FedAvg, FedProx, TaskAwareFedAvg
-from fedrl_lightning.callbacks.adaptive_aggregation import RelativeGainWeighting
+from fedrl_lightning.aggregation import FedAdam, FedAvg, FedProx, RelativeGainWeighting, TaskAwareFedAvg
 from fedrl_lightning.client import evaluate
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import FedMOAModule, GRPOModule
@@ -142,7 +141,7 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any
     elif method == "fedadam":
         aggregation = FedAdam(eta=cfg["fedadam_eta"], tau=1e-3)
     elif method == "fgrpo":
-        callbacks = [RelativeGainWeighting()]
+        aggregation = RelativeGainWeighting(aggregator=FedAvg())
     elif method == "fedmoa":
         aggregation = TaskAwareFedAvg()
     elif method == "central":

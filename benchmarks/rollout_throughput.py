@@ -28,11 +28,11 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.rollout.hf import HFRollout
 from fedrl_lightning.rollout.vllm import VLLMRollout
+from fedrl_lightning.rollout.vllm_sync import WeightSync
 
 
 def _perturb(module: GRPOModule, seed: int, scale: float) -> None:
@@ -78,12 +78,14 @@ class _EngineRNG:
             self.engine.seed_from_torch = True
 
 
-def _sync_cost(sync: VLLMWeightSync, backend: Any, module: GRPOModule, repeats: int, scale: float) -> dict:
+def _sync_cost(backend: VLLMRollout, module: GRPOModule, repeats: int, scale: float) -> dict:
+    """Median cost of pushing a fully changed adapter through the backend's own sync (the check included)."""
+    sync: WeightSync = backend.weight_sync
     keep = module.trainable_state()
     rows = []
     for k in range(repeats):
         _perturb(module, seed=100 + k, scale=scale)
-        assert sync.maybe_sync(backend, module), "the adapter changed: a push was expected"
+        assert sync(backend, module), "the adapter changed: a push was expected"
         rows.append(dict(sync.last))
     module.load_trainable_state(keep)
     mb = statistics.median(r["sync/bytes"] for r in rows) / 2**20
@@ -132,8 +134,7 @@ def main(
     hf = HFRollout()
 
     console.print("HF generate vs vLLM with the adapter merged (engine without LoRA) ...")
-    engine = VLLMRollout(max_model_len=max_model_len, enable_lora=False)
-    merge = VLLMWeightSync(method="merge").attach(engine)
+    engine = VLLMRollout(max_model_len=max_model_len, enable_lora=False, sync_method="merge")
     start = time.perf_counter()
     engine.engine(module)
     engine_start = {"merged": time.perf_counter() - start}
@@ -148,12 +149,13 @@ def main(
             for k, v in phase.items()
         }
     )
-    syncs["merge"] = _sync_cost(merge, engine, module, sync_repeats, scale=1e-3)
+    syncs["merge"] = _sync_cost(engine, module, sync_repeats, scale=1e-3)
     engine.close()
 
     console.print("HF generate vs vLLM serving the adapter as a LoRA ...")
-    engine = VLLMRollout(max_model_len=max_model_len, enable_lora=True, max_lora_rank=max(lora_r, 8), max_loras=2)
-    adapter = VLLMWeightSync(method="adapter").attach(engine)
+    engine = VLLMRollout(
+        max_model_len=max_model_len, enable_lora=True, sync_method="adapter", max_lora_rank=max(lora_r, 8), max_loras=2
+    )
     start = time.perf_counter()
     engine.engine(module)
     engine_start["lora"] = time.perf_counter() - start
@@ -164,8 +166,7 @@ def main(
             for k, v in phase.items()
         }
     )
-    syncs["adapter"] = _sync_cost(adapter, engine, module, sync_repeats, scale=1e-3)
-    adapter.close()
+    syncs["adapter"] = _sync_cost(engine, module, sync_repeats, scale=1e-3)
     engine.close()
 
     geometry = f"{prompts} prompts x G={num_generations}, {max_completion_length} new tokens, T={temperature}"

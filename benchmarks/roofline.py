@@ -132,14 +132,11 @@ def _backend(name: str, model: str) -> Any:
     if name == "hf_lora":  # HF generate on the LoRA model itself
         return HFRollout(lean_decoder=False, merged_copy=False)
     if name in ("vllm", "vllm_compile"):
-        from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
         from fedrl_lightning.rollout.vllm import VLLMRollout
 
         # One engine for every batch size; the adapter is merged into its weights. vllm_compile: vLLM's
         # torch.compile of the model (enforce_eager=False), compiled at engine start.
-        engine = VLLMRollout(enforce_eager=name == "vllm")
-        VLLMWeightSync(method="merge").attach(engine)
-        return engine
+        return VLLMRollout(enforce_eager=name == "vllm", sync_method="merge")
     names = "hf, hf_generate, hf_plain, hf_static_compile, hf_lora, vllm or vllm_compile"
     raise ValueError(f"unknown backend {name!r}: {names}")
 

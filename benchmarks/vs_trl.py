@@ -43,11 +43,11 @@ from rich.table import Table
 
 from fedrl_lightning.aggregation import ClientUpdate, FedAvg
 from fedrl_lightning.client import local_step
+from fedrl_lightning.client_state import ClientStateBank, load_optimizer, optimizer_groups, optimizer_tensors
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.models import embedded_model_dir
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.modules.grpo import GRPOBatch
-from fedrl_lightning.packing import load_optimizer_state, pack, pack_into, trim_heap
 from fedrl_lightning.rewards import accuracy_reward
 from fedrl_lightning.rollout import Rollout
 from fedrl_lightning.rollout.hf import HFRollout
@@ -70,11 +70,10 @@ def _our_backend(name: str) -> tuple[Any, Any]:
     """(rollout backend, weight sync or None)."""
     if name == "hf":
         return HFRollout(), None
-    from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
     from fedrl_lightning.rollout.vllm import VLLMRollout
 
-    backend = VLLMRollout(enable_lora=False)
-    return backend, VLLMWeightSync(method="merge").attach(backend)
+    backend = VLLMRollout(enable_lora=False, sync_method="merge")
+    return backend, backend.weight_sync
 
 
 def _peft_suffix(name: str) -> str:
@@ -126,20 +125,20 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl:
 def _federated_overheads(module: GRPOModule, optimizer: Any, clients: int, repeats: int = 5) -> dict[str, float]:
     """Median seconds of one client state swap and one FedAvg of ``clients`` adapters on this adapter.
 
-    The swap does what ``FederatedTrainer.client_round`` does with the state: the leaving client's optimizer state
-    and adapter are written into the block of its previous state (``pack_into``), the heap is trimmed, and the next
-    client's optimizer state is copied into the optimizer's tensors (``load_optimizer_state``)."""
-    opt_state, state = pack((optimizer.state_dict(), module.trainable_state()))
-    out = pack((optimizer.state_dict(), module.trainable_state()))  # the leaving client's block from its last round
+    The swap does what ``Client.run_round`` does with the state: the leaving client's optimizer state is written into
+    its row of the ``ClientStateBank``, and the next client's adapter and optimizer state are copied into the live
+    tensors."""
+    bank = ClientStateBank([0, 1])
+    bank.write("optimizer", 1, optimizer_tensors(optimizer))  # the arriving client's state from its last round
+    state = module.trainable_state()
     swaps, aggs = [], []
     agg = FedAvg()
     for _ in range(repeats):
         start = time.perf_counter()
-        adapter = module.trainable_state()  # the update's own copy, as in client_round
-        out = pack_into((optimizer.state_dict(), adapter), out)  # the leaving client's state, written out
-        trim_heap()
+        adapter = module.trainable_state()  # the update's own copy, as in run_round
+        bank.write("optimizer", 0, optimizer_tensors(optimizer))  # the leaving client's state, written out
         module.load_trainable_state(state)
-        load_optimizer_state(optimizer, opt_state)
+        load_optimizer(optimizer, bank.read("optimizer", 1), optimizer_groups(optimizer))
         swaps.append(time.perf_counter() - start)
         updates = [ClientUpdate(client_id=i, state=adapter, num_samples=1) for i in range(clients)]
         start = time.perf_counter()
@@ -276,7 +275,7 @@ def main(
             ours_s = time.perf_counter() - start
             m = module.tracker.compute_and_reset()
             row = {"trl_s": trl_s, "ours_s": ours_s, "ours_tokens": tokens, **{p: m[f"timing/{p}"] for p in PHASES}}
-            if sync is not None:  # pushes during this step only (none when the adapter did not change)
+            if sync is not None:  # sync time in this step: the check, plus a push when the adapter changed
                 row["sync"] = sync.totals["sync/seconds"] - synced
             rows.append(row)
             Console().print(f"step {i}: TRL {trl_s:.2f} s, ours {ours_s:.2f} s")

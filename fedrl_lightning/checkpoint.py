@@ -1,9 +1,10 @@
-"""Atomic, verifiable round checkpoints.
+"""Atomic, verifiable round checkpoints, written and read through Fabric's ``save``/``load`` of stateful objects.
 
-Each round is saved as a directory ``round-NNNNNN/`` holding ``state.pt`` and, written last, ``manifest.json``
-with the round and the SHA-256 of ``state.pt``. The directory is assembled under a temporary name, every file is
-fsynced, then it is renamed into place and the parent directory is fsynced. A directory without a manifest or
-whose hash does not match is torn: ``latest_valid`` skips it and falls back to the previous round.
+Each round is saved as a directory ``round-NNNNNN/`` holding ``state.pt`` (``fabric.save`` of the stateful objects
+given: their ``state_dict()``, written by rank 0) and, written last, ``manifest.json`` with the round and the
+SHA-256 of ``state.pt``. The directory is assembled under a temporary name, every file is fsynced, then it is
+renamed into place and the parent directory is fsynced. A directory without a manifest or whose hash does not match
+is torn: ``latest_valid`` skips it and falls back to the previous round.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 
 log = logging.getLogger(__name__)
-VERSION = 2
+VERSION = 3
 _PREFIX = "round-"
 
 
@@ -46,23 +48,28 @@ def round_path(directory: Path, round_idx: int) -> Path:
     return directory / f"{_PREFIX}{round_idx:06d}"
 
 
-def save(directory: Path, round_idx: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` as round ``round_idx`` atomically; keep the newest ``keep`` rounds. Returns the directory."""
-    directory.mkdir(parents=True, exist_ok=True)
+def save(directory: Path, round_idx: int, fabric: Fabric, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` (stateful objects and plain values) as round ``round_idx`` atomically; keep the newest
+    ``keep`` rounds. Every rank calls it (``fabric.save`` synchronises them); rank 0 writes. Returns the directory."""
     final = round_path(directory, round_idx)
     tmp = directory / f".tmp-{_PREFIX}{round_idx:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    _fsync(tmp / "state.pt")
-    manifest = {"version": VERSION, "round": round_idx, "sha256": _sha256(tmp / "state.pt")}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    _fsync(tmp / "manifest.json")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync(directory)
-    for old in sorted(directory.glob(f"{_PREFIX}*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    writer = fabric.is_global_zero
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    fabric.save(tmp / "state.pt", state)
+    if writer:
+        _fsync(tmp / "state.pt")
+        manifest = {"version": VERSION, "round": round_idx, "sha256": _sha256(tmp / "state.pt")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        _fsync(tmp / "manifest.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(directory)
+        for old in sorted(directory.glob(f"{_PREFIX}*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    fabric.barrier()
     return final
 
 
@@ -96,8 +103,12 @@ def resolve(ckpt_path: str | None, directory: Path) -> Path | None:
     return path
 
 
-def load(path: Path) -> dict[str, Any]:
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+def load(path: Path, fabric: Fabric | None = None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore ``state``'s stateful objects in place from the checkpoint at ``path`` (through ``fabric``) and return
+    what was not restored; without ``fabric``, the whole checkpoint (memory-mapped, for inspection)."""
+    if fabric is None:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+    return fabric.load(path / "state.pt", state, weights_only=False)
 
 
 def rng_state() -> dict[str, Any]:

@@ -19,7 +19,13 @@ from fedrl_lightning.trainer import FederatedTrainer
 
 
 class FedRLCLI(LightningCLI):
-    """LightningCLI with one subcommand, ``fit``, over ``FederatedTrainer``, a policy module and a data module."""
+    """LightningCLI with one subcommand, ``fit``, over ``FederatedTrainer``, a policy module and a data module.
+
+    ``build_trainer = False`` (a subclass's choice, e.g. Flower's apps, which build a server or a client instead)
+    leaves ``self.trainer`` as the trainer's parsed arguments, its nested classes built.
+    """
+
+    build_trainer = True
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
         super().__init__(
@@ -41,14 +47,14 @@ class FedRLCLI(LightningCLI):
         return {"fit": {"module", "data"}}
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(FederatedTrainer, "trainer", fail_untyped=False)
+        parser.add_class_arguments(FederatedTrainer, "trainer", fail_untyped=False, instantiate=self.build_trainer)
         parser.add_lightning_class_args(PolicyModule, "model", subclass_mode=True)
         # Any data module (``FederatedData`` when ``data`` has no ``class_path``, e.g. ``FedGRPOData`` for FedGRPO).
         parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=False)
         parser.set_defaults({"data": {"class_path": "fedrl_lightning.data.FederatedData"}})
 
-    def instantiate_trainer(self, **kwargs: Any) -> FederatedTrainer:
-        # jsonargparse already built it from the ``trainer`` group.
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # jsonargparse already built it from the ``trainer`` group (or left its arguments, see ``build_trainer``).
         return self._get(self.config_init, "trainer")
 
     def before_fit(self) -> None:

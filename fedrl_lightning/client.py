@@ -1,48 +1,68 @@
-"""One client's round: rollouts -> rewards -> advantages -> local optimizer steps -> ClientUpdate.
+"""One client's round: swap its state in, rollouts -> rewards -> advantages -> local steps, swap it out, update up.
 
-The client owns private state that never leaves it: its data cursor, optimizer state and RNG (and, without
-aggregation, its own adapter). The trainer swaps that state in and out around ``run_round``.
+``Client`` runs any client's round on the one resident module. It owns everything a round touches on the client's
+side: the private state (``ClientStateBank``: data cursor, optimizer state, RNG, algorithm state and, without
+aggregation, its own adapter), the local steps, the aggregator's client-side objective, the fault checks on its
+own update, and the client-side hooks. It knows nothing about how the round's inputs arrived or where its update
+goes: the in-process transport calls it directly (``fedrl_lightning.transport``), the Flower ClientApp calls it per
+message (``fedrl_lightning.flower.client_app``).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric import Fabric
+from torch import Tensor
+from torch.optim import Optimizer
 
-from fedrl_lightning.aggregation.base import LocalObjective
-from fedrl_lightning.data import ClientSampler
+from fedrl_lightning.aggregation.base import Aggregator, ClientUpdate, LocalObjective
+from fedrl_lightning.callbacks import fire
+from fedrl_lightning.client_state import (
+    ClientState,
+    ClientStateBank,
+    load_optimizer,
+    optimizer_groups,
+    optimizer_tensors,
+)
+from fedrl_lightning.data import ClientSampler, FederatedData
 from fedrl_lightning.losses import weighted_reward_sum
-from fedrl_lightning.modules.grpo import expand_columns
+from fedrl_lightning.modules.pg import PolicyGradientModule, expand_columns
+from fedrl_lightning.modules.policy import MetricTracker
 from fedrl_lightning.rewards import compute_rewards
 from fedrl_lightning.rollout import RolloutBackend
 
 
+class ClientFault(RuntimeError):
+    """A client's round failed: it is dropped from the round, the others go on."""
+
+
 @dataclass
-class ClientState:
-    """Everything a client keeps between rounds (on CPU).
+class Downlink:
+    """What the server sends a client for one round.
 
     Attributes:
-        sampler: the data cursor (``ClientSampler.state_dict()``).
-        optimizer: optimizer state dict, or None before the first round.
-        rng: torch RNG state, or None before the first round.
-        adapter: the client's own adapter when it is not overwritten by a global one (local-only training).
-        extra: algorithm state (e.g. a performance baseline), for callbacks and later algorithms.
+        round_idx: the round (1-based).
+        global_state: the global adapter; None = local-only training (the client starts from its own adapter).
+        objective: the aggregator's client-side tensors (``Aggregator.downlink``, e.g. SCAFFOLD's c).
     """
 
-    sampler: dict[str, int]
-    optimizer: dict[str, Any] | None = None
-    rng: torch.Tensor | None = None
-    adapter: dict[str, torch.Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    round_idx: int
+    global_state: dict[str, Tensor] | None
+    objective: dict[str, Tensor] = field(default_factory=dict)
 
 
 @contextmanager
-def timed(tracker: Any, name: str):
+def timed(tracker: MetricTracker, name: str) -> Iterator[None]:
     """Record the wall time of the block as ``timing/<name>`` (seconds)."""
     start = time.perf_counter()
     yield
@@ -50,9 +70,9 @@ def timed(tracker: Any, name: str):
 
 
 def local_step(
-    fabric: Any,
-    module: Any,
-    optimizer: Any,
+    fabric: Fabric,
+    module: PolicyGradientModule,
+    optimizer: Optimizer,
     backend: RolloutBackend,
     examples: list[dict],
     objective: LocalObjective | None = None,
@@ -85,10 +105,10 @@ def local_step(
     return int(batch.mask.sum())
 
 
-def run_round(
-    fabric: Any,
-    module: Any,
-    optimizer: Any,
+def run_steps(
+    fabric: Fabric,
+    module: PolicyGradientModule,
+    optimizer: Optimizer,
     backend: RolloutBackend,
     examples: list[dict],
     sampler: ClientSampler,
@@ -109,7 +129,9 @@ def run_round(
 
 
 @torch.no_grad()
-def evaluate(module: Any, backend: RolloutBackend, examples: list[dict], batch_size: int = 32) -> dict[str, float]:
+def evaluate(
+    module: PolicyGradientModule, backend: RolloutBackend, examples: list[dict], batch_size: int = 32
+) -> dict[str, float]:
     """Greedy accuracy (``accuracy_func`` >= 1) and mean weighted reward on held-out examples."""
     params = module.eval_sampling()
     correct, rewards = [], []
@@ -125,3 +147,172 @@ def evaluate(module: Any, backend: RolloutBackend, examples: list[dict], batch_s
     if not correct:
         return {}
     return {"accuracy": float(torch.cat(correct).mean()), "reward": float(torch.cat(rewards).nanmean())}
+
+
+def update_distance(adapter: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> float:
+    """L2 distance between two adapters (float64 accumulation)."""
+    return sum(float((adapter[k] - v).double().square().sum()) for k, v in start.items()) ** 0.5
+
+
+class Client:
+    """Runs any client's round on the one resident, set-up module and optimizer.
+
+    Args:
+        fabric: the launched Fabric the module and optimizer are set up with.
+        module: the policy module (``fabric.setup`` done).
+        optimizer: its optimizer (``fabric.setup`` done).
+        rollout: the generation backend.
+        data: the clients' data (``setup`` done).
+        aggregation: the federation's aggregator, for its client-side objective; None = local-only training.
+        local_steps: local steps per round.
+        seed: seed of the clients' RNG streams and data order.
+        client_timeout: seconds a round may take (checked after each local step); None = no limit.
+        max_update_norm: largest L2 distance of the update from its starting adapter; None = no limit.
+        callbacks: hook objects; this side fires ``on_client_start`` and ``on_local_step_end``.
+        hook_context: extra keyword arguments for every hook (e.g. ``trainer`` in one process).
+        bank: where client states live; default a RAM bank over ``data.client_ids()``.
+    """
+
+    def __init__(
+        self,
+        fabric: Fabric,
+        module: PolicyGradientModule,
+        optimizer: Optimizer,
+        rollout: RolloutBackend,
+        data: FederatedData,
+        aggregation: Aggregator | None,
+        local_steps: int = 1,
+        seed: int = 0,
+        client_timeout: float | None = None,
+        max_update_norm: float | None = None,
+        callbacks: Sequence[object] = (),
+        hook_context: Mapping[str, object] | None = None,
+        bank: ClientStateBank | None = None,
+    ) -> None:
+        self.fabric, self.module, self.optimizer, self.rollout, self.data = fabric, module, optimizer, rollout, data
+        self.aggregation, self.local_steps, self.seed = aggregation, local_steps, seed
+        self.client_timeout, self.max_update_norm = client_timeout, max_update_norm
+        self.callbacks, self.hook_context = list(callbacks), dict(hook_context or {})
+        self.bank = bank if bank is not None else ClientStateBank(data.client_ids())
+        self.initial_adapter = module.trainable_state()
+        self.swap_seconds = 0.0  # time spent swapping state in and out, summed over rounds (federated overhead)
+
+    @classmethod
+    def setup(
+        cls,
+        fabric: Fabric,
+        module: PolicyGradientModule,
+        data: FederatedData,
+        rollout: RolloutBackend,
+        aggregation: Aggregator | None,
+        state_dir: str | Path | None = None,
+        **kwargs: Any,
+    ) -> Client:
+        """Set up ``module`` and its optimizer on the launched ``fabric`` and every client's split of ``data``, and
+        build the client (``kwargs``: the constructor's other arguments; ``state_dir``: the bank's directory)."""
+        wrapped, optimizer = fabric.setup(module, module.configure_optimizers())
+        data.prepare_data()
+        data.setup("fit")  # build every client's split now, so bad data fails before any training
+        bank = ClientStateBank(data.client_ids(), state_dir)
+        return cls(fabric, wrapped, optimizer, rollout, data, aggregation, bank=bank, **kwargs)
+
+    def _fire(self, hook: str, **kwargs: object) -> None:
+        fire(self.callbacks, hook, **{**self.hook_context, "client": self, **kwargs})
+
+    def new_state(self, cid: int) -> ClientState:
+        """A client's state before its first round: its own RNG stream and data order, nothing trained."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 1_000_003 + cid)
+            rng = torch.get_rng_state()
+        sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
+        return ClientState(sampler=sampler.state_dict(), rng=rng)
+
+    def state(self, cid: int) -> ClientState:
+        """Client ``cid``'s stored state (views of the bank's rows), or its fresh state."""
+        stored = self.bank.get(cid)
+        return stored if stored is not None else self.new_state(cid)
+
+    def own_adapter(self, cid: int) -> dict[str, Tensor]:
+        """The adapter a local-only client trains and deploys: its own, or the initial one before its first round."""
+        own = self.bank.read("adapter", cid)
+        return own if own is not None else self.initial_adapter
+
+    def run_round(
+        self, cid: int, down: Downlink, uplink: Callable[[ClientUpdate], ClientUpdate] | None = None
+    ) -> ClientUpdate:
+        """Client ``cid``'s round from ``down``: swap in, local steps, checks, ``uplink``, swap out.
+
+        ``uplink`` (the transport's send, which may reject the update) runs before the client's state is stored, so
+        a round that fails anywhere leaves the stored state as it was.
+
+        Raises:
+            ClientFault: the round timed out or the update is non-finite or too far from where it started.
+        """
+        module, start = self.module, time.monotonic()
+        r, state = down.round_idx, self.state(cid)
+        self._fire("on_client_start", round_idx=r, client_id=cid, module=module)
+        swap_start = time.perf_counter()
+        start_adapter = down.global_state if down.global_state is not None else self.own_adapter(cid)
+        module.load_trainable_state(start_adapter)
+        load_optimizer(self.optimizer, state.optimizer, state.optimizer_groups)
+        module.load_client_state(copy.deepcopy(state.extra.get("module", {})))
+        client_extra = copy.deepcopy(state.extra)  # stored only if the round succeeds
+        objective = None
+        if self.aggregation is not None and down.global_state is not None:
+            objective = self.aggregation.local_objective(down.global_state, client_extra, down.objective or None)
+        torch.set_rng_state(state.rng)
+        sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
+        sampler.load_state_dict(state.sampler)
+        examples = self.data.train_examples(cid)
+
+        def on_step(step: int) -> None:
+            self._fire("on_local_step_end", round_idx=r, client_id=cid, module=module, step=step)
+            elapsed = time.monotonic() - start
+            if self.client_timeout is not None and elapsed > self.client_timeout:
+                raise ClientFault(f"timed out after {elapsed:.1f} s (client_timeout={self.client_timeout})")
+
+        train_start = time.perf_counter()
+        prompts, tokens, metrics = run_steps(
+            self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step, objective
+        )
+        train_end = time.perf_counter()
+        extra = objective.finish(module.trainable_parameters(), metrics) if objective is not None else {}
+        adapter = module.trainable_state()
+        self._check_update(adapter, start_adapter)
+        # Scalars a task-aware server may use: the client's task family and its accuracy on this round's rollouts.
+        extra.setdefault("task", Counter(ex.get("task", "default") for ex in examples).most_common(1)[0][0])
+        if "accuracy" in metrics:
+            extra.setdefault("accuracy", metrics["accuracy"])
+        update = ClientUpdate(cid, adapter, prompts, tokens, metrics, extra=extra)
+        if uplink is not None:
+            update = uplink(update)
+        client_extra["module"] = module.client_state()
+        self._store(cid, sampler, client_extra, adapter if down.global_state is None else None)
+        self.swap_seconds += (train_start - swap_start) + (time.perf_counter() - train_end)
+        return update
+
+    def _check_update(self, adapter: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> None:
+        if self.max_update_norm is None:
+            return
+        norm = update_distance(adapter, start)
+        if not math.isfinite(norm):
+            raise ClientFault(f"non-finite update (norm {norm})")
+        if norm > self.max_update_norm:
+            raise ClientFault(f"update norm {norm:.3g} exceeds max_update_norm={self.max_update_norm}")
+
+    def _store(self, cid: int, sampler: ClientSampler, extra: dict, adapter: Mapping[str, Tensor] | None) -> None:
+        """Swap out: the optimizer state (and a local-only client's adapter) into its rows, the small values."""
+        bank = self.bank
+        bank.write("optimizer", cid, optimizer_tensors(self.optimizer))
+        if adapter is not None:
+            bank.write("adapter", cid, adapter)
+        bank.set_meta(cid, sampler.state_dict(), torch.get_rng_state(), extra, optimizer_groups(self.optimizer))
+
+    def evaluate(self, cid: int, adapter: Mapping[str, Tensor], batch_size: int = 32) -> dict[str, float]:
+        """Client ``cid``'s greedy held-out accuracy and reward under ``adapter``."""
+        self.module.load_trainable_state(dict(adapter))
+        result = evaluate(self.module, self.rollout, self.data.eval_examples(cid), batch_size)
+        # What the rollout logged while evaluating (e.g. a vLLM weight sync) belongs to this evaluation, not to the
+        # next round's first client.
+        logged = self.module.tracker.compute_and_reset()
+        return {**result, **{k: v for k, v in logged.items() if k.startswith("sync/")}}

@@ -10,8 +10,6 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from fedrl_lightning.packing import pack
-
 Direction = Literal["down", "up"]
 
 
@@ -50,7 +48,7 @@ class Channel:
         self._tensor_bytes[(round_idx, client_id, direction)] += sum(
             v.numel() * v.element_size() for v in payload.values()
         )
-        return pack(st_load(blob))  # what arrives is held (updates until aggregation): one block, not hundreds
+        return st_load(blob)
 
     def record(self, round_idx: int, client_id: int, direction: Direction, num_bytes: int) -> None:
         """Count bytes of a non-tensor message (text, floats) sent outside ``send_*``."""

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from fedrl_lightning.data import FederatedData
+    from fedrl_lightning.modules.policy import PolicyModule
+    from fedrl_lightning.trainer import FederatedTrainer
+
+from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
-def progress_bar(console: Console, enabled: bool) -> Progress:
+def run_loggers(output_dir: str | Path) -> list[Logger]:
+    """A run's loggers: ``metrics.csv`` and TensorBoard logs under ``output_dir``."""
+    return [
+        CSVLogger(str(output_dir), name="", version=""),
+        TensorBoardLogger(str(output_dir), name="tensorboard", version=""),
+    ]
+
+
+def progress_bar(console: Console | None) -> Progress:
+    """A rich progress display on ``console``; a disabled one without a console."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=not enabled,
+        disable=console is None,
     )
 
 
-def print_plan(console: Console, trainer: Any, module: Any, data: Any) -> None:
+def print_plan(console: Console, trainer: FederatedTrainer, module: PolicyModule, data: FederatedData) -> None:
     """The federation and the batch geometry, printed once so a mis-sized run is obvious before it starts."""
     table = Table(title="clients")
     for col in ("client", "train", "held-out", "tasks"):

@@ -3,10 +3,10 @@
 import math
 
 import pytest
+import torch
 
 from conftest import make_data, make_module
-from fedrl_lightning.aggregation import FedAvg
-from fedrl_lightning.callbacks.adaptive_aggregation import RelativeGainWeighting
+from fedrl_lightning.aggregation import FedAvg, RelativeGainWeighting, weighted_average
 from fedrl_lightning.trainer import FederatedTrainer
 
 
@@ -38,11 +38,10 @@ def test_weights_softmax_with_floor_by_hand():
 
 
 def test_fgrpo_sets_aggregation_weights_in_a_run_and_keeps_baselines_on_clients(tmp_path):
-    cb = RelativeGainWeighting()
+    fgrpo = RelativeGainWeighting(aggregator=FedAvg())
     trainer = FederatedTrainer(
         num_rounds=2,
-        aggregation=FedAvg(),
-        callbacks=[cb],
+        aggregation=fgrpo,
         output_dir=str(tmp_path),
         progress=False,
         eval_before_training=False,
@@ -54,3 +53,20 @@ def test_fgrpo_sets_aggregation_weights_in_a_run_and_keeps_baselines_on_clients(
     assert sum(weights) == pytest.approx(1.0)
     assert all("fgrpo_history" in trainer.client_states[c].extra for c in (0, 1))
     assert trainer.history[0]["round"] == 1 and trainer.history[0]["client0/fgrpo/gain"] == 0.0  # no baseline yet
+    assert fgrpo.server_history == {}  # the server never saw a baseline, only the gains
+
+
+def test_fgrpo_weights_are_what_the_inner_aggregator_averages_with():
+    from fedrl_lightning.aggregation import ClientUpdate
+
+    fgrpo = RelativeGainWeighting(aggregator=FedAvg(), baseline_on_client=False)
+    state = {"w": torch.zeros(2)}
+    updates = [ClientUpdate(i, {"w": torch.full((2,), float(i))}, 1, metrics={"reward": 0.5}) for i in (0, 1)]
+    fgrpo.aggregate(state, updates)  # round 1 sets the baselines, equal weights
+    rewards = {0: 0.5, 1: 1.0}
+    updates = [ClientUpdate(i, {"w": torch.full((2,), float(i))}, 1, metrics={"reward": rewards[i]}) for i in (0, 1)]
+    new = fgrpo.aggregate(state, updates)
+    alphas = [u.weight for u in updates]
+    assert alphas[1] > alphas[0] and sum(alphas) == pytest.approx(1.0)
+    torch.testing.assert_close(new["w"], weighted_average([u.state for u in updates], alphas)["w"])
+    assert set(fgrpo.state_dict()["server_history"]) == {0, 1}

@@ -33,7 +33,7 @@ def test_tiny_cli_run_writes_metrics_plot_and_loadable_adapter(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["num_rounds"] == 2
     base, _ = load_causal_lm("tiny-random")
     peft_model = PeftModel.from_pretrained(base, out / "adapter")
-    ckpt = checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+    ckpt = checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))["server"]
     loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     assert loaded.keys() == ckpt["global_state"].keys()
     assert all(torch.equal(loaded[k], v) for k, v in ckpt["global_state"].items())

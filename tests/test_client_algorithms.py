@@ -116,7 +116,7 @@ def test_fedprox_run_pulls_clients_toward_the_global_adapter(tmp_path):
             progress=False,
         )
         trainer.fit(make_module(learning_rate=1e-2), make_data(num_clients=1, tasks=["basic_arithmetic"]))
-        start = trainer._initial_adapter
+        start = trainer.client.initial_adapter
         return sum(float((spy.update.state[k] - v).norm()) for k, v in start.items())
 
     assert drift(50.0) < 0.8 * drift(0.0)

@@ -33,7 +33,7 @@ import torch
 from fedrl_lightning import checkpoint
 from fedrl_lightning.aggregation import ClientUpdate
 from fedrl_lightning.cli import FedRLCLI
-from fedrl_lightning.client import ClientState
+from fedrl_lightning.client_state import ClientState
 
 # No usage telemetry from tests; flwr reads this once, when it is first imported (here, or by a child process).
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -63,20 +63,21 @@ model:
 SCAFFOLD_FGRPO = """
 trainer:
   aggregation:
-    class_path: fedrl_lightning.aggregation.Scaffold
-  callbacks:
-    - class_path: fedrl_lightning.callbacks.adaptive_aggregation.RelativeGainWeighting
+    class_path: fedrl_lightning.aggregation.RelativeGainWeighting
+    init_args:
+      aggregator:
+        class_path: fedrl_lightning.aggregation.Scaffold
   eval_before_training: false
 """
 FEDADAM_SERVER_FGRPO = """
 trainer:
   num_rounds: 1
   aggregation:
-    class_path: fedrl_lightning.aggregation.FedAdam
-  callbacks:
-    - class_path: fedrl_lightning.callbacks.adaptive_aggregation.RelativeGainWeighting
-      init_args:
-        baseline_on_client: false
+    class_path: fedrl_lightning.aggregation.RelativeGainWeighting
+    init_args:
+      aggregator:
+        class_path: fedrl_lightning.aggregation.FedAdam
+      baseline_on_client: false
   eval_before_training: false
 """
 
@@ -107,10 +108,15 @@ def cli_args(fragment: Path, out: Path) -> list[str]:
     return ["-c", str(TINY), "-c", str(fragment), "--trainer.output_dir", str(out), "--trainer.progress", "false"]
 
 
+def server_state(out: Path) -> dict:
+    """The server's state in a run's newest checkpoint."""
+    return checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))["server"]
+
+
 def in_process_run(fragment: Path, out: Path) -> dict:
-    """The reference: ``fedrl fit`` in this process; returns its last checkpoint."""
+    """The reference: ``fedrl fit`` in this process; returns its last checkpoint's server state."""
     FedRLCLI(args=["fit", *cli_args(fragment, out)])
-    return checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+    return server_state(out)
 
 
 def initial_adapter(fragment: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -190,7 +196,7 @@ def test_client_state_store_starts_a_round_from_the_state_saved_before_it(tmp_pa
     store = ClientStateStore(tmp_path, client_id=1, keep=2)
     assert store.load(before_round=1) is None  # never trained: the caller starts fresh
     for r in (1, 2, 3):
-        store.save(r, ClientState(sampler={"cursor": r}, extra={"round": r}))
+        store.save(r, ClientState(sampler={"cursor": r}, rng=torch.get_rng_state(), extra={"round": r}))
     assert store.rounds() == [2, 3]  # keep=2
     assert store.load(before_round=4).extra == {"round": 3}
     assert store.load(before_round=3).extra == {"round": 2}  # a retried or repeated round 3
@@ -198,6 +204,93 @@ def test_client_state_store_starts_a_round_from_the_state_saved_before_it(tmp_pa
     assert store.load(before_round=4).extra == {"round": 2}
     with pytest.raises(FileNotFoundError, match="no valid state before round 2"):
         store.load(before_round=2)  # pruned: starting fresh would silently change the run
+
+
+# -- every aggregator through the Flower apps ----------------------------------------------------------------------
+
+AGGREGATORS = {
+    "FedAvg": "fedrl_lightning.aggregation.FedAvg",
+    "FedAvgM": "fedrl_lightning.aggregation.FedAvgM",
+    "FedProx": "fedrl_lightning.aggregation.FedProx\n    init_args: {mu: 0.1}",
+    "Scaffold": "fedrl_lightning.aggregation.Scaffold",
+    "FedAdam": "fedrl_lightning.aggregation.FedAdam",
+    "FedYogi": "fedrl_lightning.aggregation.FedYogi",
+    "FedAdagrad": "fedrl_lightning.aggregation.FedAdagrad",
+    "FedMedian": "fedrl_lightning.aggregation.FedMedian",
+    "TrimmedMean": "fedrl_lightning.aggregation.TrimmedMean\n    init_args: {beta: 0.34}",
+    "Krum": "fedrl_lightning.aggregation.Krum",
+    "TaskAwareFedAvg": "fedrl_lightning.aggregation.TaskAwareFedAvg",
+    "DPFedAvg": "fedrl_lightning.privacy.DPFedAvg\n"
+    "    init_args: {num_clients: 3, noise_multiplier: 0.5, clip_norm: 0.05}",
+    "FGRPO": "fedrl_lightning.aggregation.RelativeGainWeighting\n"
+    "    init_args: {aggregator: fedrl_lightning.aggregation.FedAvg}",
+}
+
+
+class LocalGrid:
+    """The part of Flower's ``Grid`` our transport uses, delivering each message to a ClientApp in this process.
+
+    Real Flower messages, records and ClientApp (the one ``flwr run`` starts), without a SuperLink or Ray workers,
+    so every aggregator runs through our Flower apps in seconds; node k is partition k - 1. A raised error becomes
+    Flower's error reply, as on a SuperNode.
+    """
+
+    def __init__(self, app: object, num_nodes: int) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what a ServerApp process has
+        self.app, self.nodes = app, list(range(1, num_nodes + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, Error, Message, RecordDict
+
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = Context(1, node, {"partition-id": node - 1}, RecordDict(), {})
+            try:
+                replies.append(self.app(msg, context))
+            except Exception as err:
+                replies.append(Message(error=Error(code=1, reason=str(err)), reply_to=msg))
+        return replies
+
+
+@pytest.mark.parametrize("name", list(AGGREGATORS))
+def test_every_aggregator_through_the_flower_apps_gives_the_in_process_adapter(tmp_path, flower_env, name):
+    """3 clients x 2 rounds through ``FedRLStrategy``, the ServerApp's server and the ClientApp's client."""
+    from fedrl_lightning.flower.client_app import build_client_app
+    from fedrl_lightning.flower.server_app import run_server
+
+    text = (
+        f"trainer:\n  aggregation:\n    class_path: {AGGREGATORS[name]}\n  eval_before_training: false\n"
+        "data:\n  num_clients: 3\n  partition: iid\n"
+    )
+    fragment = write_fragment(tmp_path, text)
+    out = tmp_path / "flower"
+    defaults = {"config": f"{TINY} {fragment}", "overrides": f"--trainer.output_dir {out}", "node-wait-timeout": 5.0}
+    run_server(LocalGrid(build_client_app(defaults), 3), FlowerSettings.from_run_config({}, defaults))
+    flower = server_state(out)
+    reference = in_process_run(fragment, tmp_path / "reference")
+    assert flower["round"] == 2 and not any(k.startswith("faults/client") for k in flower["history"][-1])
+    diff = assert_same_run(flower, reference, initial_adapter(fragment, tmp_path / "initial"))
+    assert _same_tensors(flower["aggregation"], reference["aggregation"]), "the aggregators' server states differ"
+    print(f"{name}: max |Flower - in-process| = {diff}")
+
+
+def _same_tensors(a: object, b: object) -> bool:
+    """Nested server states equal, tensors within ATOL."""
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return False
+        return a.numel() == 0 or float((a.double() - b.double()).abs().max()) <= ATOL
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_tensors(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-9))
 
 
 # -- a Flower simulation -----------------------------------------------------------------------------------------
@@ -222,14 +315,14 @@ def test_simulation_equals_the_in_process_run_and_a_restarted_server_resumes(tmp
 
     def simulate() -> dict:
         run_simulation(build_server_app(defaults), build_client_app(defaults), num_supernodes=2, backend_config=backend)
-        return checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+        return server_state(out)
 
     flower = simulate()
     reference = in_process_run(fragment, tmp_path / "reference")
     initial = initial_adapter(fragment, tmp_path / "initial")
     diff = assert_same_run(flower, reference, initial)
     assert all(f"client{i}/fgrpo/weight" in flower["history"][-1] for i in (0, 1))
-    assert set(flower["aggregation"]["c"]) == set(initial)  # SCAFFOLD's server control variate is checkpointed
+    assert set(flower["aggregation"]["aggregator"]["c"]) == set(initial)  # SCAFFOLD's c is checkpointed
     print(f"simulation: max |Flower - in-process| = {diff}")
 
     # The server dies after its clients finished round 2 but before it checkpointed the round: restart it.
@@ -314,7 +407,7 @@ def test_deployment_superlink_and_two_supernodes_on_loopback_run_a_round(tmp_pat
     logs_text = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
     assert run.returncode == 0, f"flwr run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{logs_text}"
     assert (out / "checkpoints" / "round-000001").is_dir(), logs_text
-    flower = checkpoint.load(checkpoint.latest_valid(out / "checkpoints"))
+    flower = server_state(out)
     reference = in_process_run(fragment, tmp_path / "reference")
     diff = assert_same_run(flower, reference, initial_adapter(fragment, tmp_path / "initial"))
     assert (out / "adapter" / "adapter_config.json").is_file()

@@ -39,8 +39,9 @@ def _fit(out: Path, devices: int) -> tuple[dict, str]:
 
 
 def test_two_gloo_processes_give_the_one_process_global_adapter(tmp_path):
-    (one, _), (two, log) = _fit(tmp_path / "one", 1), _fit(tmp_path / "two", 2)
+    (one_ckpt, _), (two_ckpt, log) = _fit(tmp_path / "one", 1), _fit(tmp_path / "two", 2)
     assert "MEMBER: 2/2" in log  # rank 1 joined
+    one, two = one_ckpt["server"], two_ckpt["server"]
     assert one["round"] == two["round"] == 2
     # PEFT starts lora_B at zero: non-zero B means the clients really trained, so the comparison is not vacuous.
     assert any(v.abs().sum() > 0 for k, v in one["global_state"].items() if "lora_B" in k)
@@ -49,9 +50,12 @@ def test_two_gloo_processes_give_the_one_process_global_adapter(tmp_path):
     for name, value in one["global_state"].items():
         torch.testing.assert_close(two["global_state"][name], value, rtol=0, atol=1e-6)
     # Rank 0 wrote every client's state, and the ledger has the traffic of the clients rank 1 ran.
-    assert one["client_states"].keys() == two["client_states"].keys() == {0, 1, 2, 3}
+    clients = one_ckpt["clients"], two_ckpt["clients"]
+    assert clients[0]["meta"].keys() == clients[1]["meta"].keys() == {0, 1, 2, 3}
     for cid in range(4):
-        assert one["client_states"][cid]["sampler"] == two["client_states"][cid]["sampler"]
+        assert clients[0]["meta"][cid]["sampler"] == clients[1]["meta"][cid]["sampler"]
+    for dtype, rows in clients[0]["buffers"]["optimizer"].items():  # every client's optimizer moments, to 1e-6
+        torch.testing.assert_close(clients[1]["buffers"]["optimizer"][dtype], rows, rtol=0, atol=1e-6)
     assert one["comm"]["ledger"] == two["comm"]["ledger"]
     evals = [[h.get(f"client{c}/eval/accuracy") for c in range(4)] for h in (one["history"][-1], two["history"][-1])]
     assert evals[0] == evals[1] and None not in evals[0]

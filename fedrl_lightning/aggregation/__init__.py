@@ -8,13 +8,17 @@ Notation (``research/fed_anchors.md`` §6): global adapter x, client i returns y
 weights p_i, pseudo-gradient Δ̄ = Σ p_i Δ_i.
 
 Modules: ``base`` (``ClientUpdate``, ``LocalObjective``, the base classes, client weights, ``weighted_average``),
-``lora`` (LoRA factor pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg), ``server_opt``
-(FedAvgM, FedAdagrad, FedAdam, FedYogi), ``scaffold`` (SCAFFOLD, server and client side) and ``robust``
-(FedMedian, TrimmedMean, Krum). Every public name is importable from here, e.g.
+``lora`` (LoRA factor pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg: FedMOA's server
+side), ``server_opt`` (FedAvgM, FedAdagrad, FedAdam, FedYogi), ``scaffold`` (SCAFFOLD, server and client side),
+``fgrpo`` (FGRPO's relative-gain weighting around any of them) and ``robust`` (FedMedian, TrimmedMean, Krum).
+Every public name is importable from here, e.g.
 ``class_path: fedrl_lightning.aggregation.FedAdam`` in YAML.
 """
 
 from fedrl_lightning.aggregation.base import (
+    F64,
+    LORA_MODES,
+    WEIGHTINGS,
     Aggregator,
     ClientUpdate,
     LocalObjective,
@@ -24,11 +28,14 @@ from fedrl_lightning.aggregation.base import (
     check_choice,
     check_same_keys,
     client_weights,
+    mean64,
+    normalised,
     sample_weights,
     weighted_average,
 )
 from fedrl_lightning.aggregation.fedavg import FedAvg, FedProx, ProximalObjective, TaskAwareFedAvg, proximal_term
-from fedrl_lightning.aggregation.lora import average_states, lora_pairs, product_average
+from fedrl_lightning.aggregation.fgrpo import RelativeGainWeighting
+from fedrl_lightning.aggregation.lora import average64, average_states, lora_pairs, product_average
 from fedrl_lightning.aggregation.robust import FedMedian, Krum, TrimmedMean
 from fedrl_lightning.aggregation.scaffold import (
     Scaffold,
@@ -43,9 +50,15 @@ from fedrl_lightning.aggregation.server_opt import (
     FedOpt,
     FedYogi,
     ServerOptimizer,
+    check_state_keys,
+    load_tensors,
 )
 
 __all__ = [
+    "F64",
+    "LORA_MODES",
+    "WEIGHTINGS",
+    "RelativeGainWeighting",
     "Aggregator",
     "ClientUpdate",
     "LocalObjective",
@@ -67,11 +80,16 @@ __all__ = [
     "TrimmedMean",
     "WeightedAggregator",
     "Weighting",
+    "average64",
     "average_states",
     "check_choice",
     "check_same_keys",
+    "check_state_keys",
     "client_weights",
+    "load_tensors",
     "lora_pairs",
+    "mean64",
+    "normalised",
     "product_average",
     "proximal_term",
     "sample_weights",

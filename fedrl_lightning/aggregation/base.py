@@ -15,9 +15,12 @@ from torch import Tensor
 
 Weighting = Literal["prompts", "tokens", "uniform"]
 LoraMode = Literal["separate", "product"]
-_WEIGHTINGS = ("prompts", "tokens", "uniform")
-_LORA_MODES = ("separate", "product")
-_F64 = torch.float64
+WEIGHTINGS = ("prompts", "tokens", "uniform")
+"""The values of ``Weighting``."""
+LORA_MODES = ("separate", "product")
+"""The values of ``LoraMode``."""
+F64 = torch.float64
+"""The dtype of the aggregators' arithmetic and of the server state."""
 
 
 @dataclass
@@ -55,7 +58,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 def sample_weights(updates: Sequence[ClientUpdate], weighting: Weighting) -> list[float]:
     """The aggregator's own weights: prompts trained, tokens trained, or 1 per client (callback weights ignored)."""
-    check_choice("weighting", weighting, _WEIGHTINGS)
+    check_choice("weighting", weighting, WEIGHTINGS)
     if weighting == "prompts":
         return [float(u.num_samples) for u in updates]
     if weighting == "tokens":
@@ -70,7 +73,8 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: Weighting) -> lis
     return sample_weights(updates, weighting)
 
 
-def _normalised(weights: Sequence[float]) -> list[float]:
+def normalised(weights: Sequence[float]) -> list[float]:
+    """The weights divided by their sum; raises a ValueError unless they are finite, >= 0 and sum to > 0."""
     weights = [float(w) for w in weights]
     if any(w < 0 or not math.isfinite(w) for w in weights):
         raise ValueError(f"aggregation weights must be finite and >= 0, got {weights}")
@@ -89,23 +93,24 @@ def check_same_keys(states: Sequence[Mapping[str, Tensor]], what: str = "client 
             raise ValueError(f"{what} 0 and {i} have different keys: {diff[:5]}{' ...' if len(diff) > 5 else ''}")
 
 
-def _mean64(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+def mean64(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """``weighted_average`` on CPU, left in float64 (the dtype of the inputs is not restored)."""
     if not states:
         raise ValueError("nothing to average")
-    p = _normalised(weights)
+    p = normalised(weights)
     check_same_keys(states)
     out = {}
     for name, ref in states[0].items():
-        acc = torch.zeros(ref.shape, dtype=_F64)
+        acc = torch.zeros(ref.shape, dtype=F64)
         for state, w in zip(states, p):
-            acc += state[name].detach().to("cpu", _F64) * w
+            acc += state[name].detach().to("cpu", F64) * w
         out[name] = acc
     return out
 
 
 def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
     """Sum_i w_i * state_i / sum_i w_i, tensor by tensor, accumulated in float64."""
-    return {k: v.to(states[0][k].dtype) for k, v in _mean64(states, weights).items()}
+    return {k: v.to(states[0][k].dtype) for k, v in mean64(states, weights).items()}
 
 
 # -------------------------------------------------------------------------------------------------- base classes
@@ -114,33 +119,47 @@ def weighted_average(states: Sequence[dict[str, Tensor]], weights: Sequence[floa
 class LocalObjective:
     """What an aggregator asks of each client during its round (FedProx's pull, SCAFFOLD's correction).
 
-    The trainer builds one per client and round (``Aggregator.local_objective``), sends ``down`` through the channel,
-    calls ``on_gradients`` once per optimizer step (after the backward passes, before clipping), and after the
-    round puts ``finish``'s result into ``ClientUpdate.extra`` (tensor dicts travel up through the channel).
+    The client builds one per round (``Aggregator.local_objective``, from what the server sent:
+    ``Aggregator.downlink``), calls ``on_gradients`` once per optimizer step (after the backward passes, before
+    clipping), and after the round puts ``finish``'s result into ``ClientUpdate.extra`` (tensor dicts and scalars
+    travel up with the adapter).
     """
-
-    down: dict[str, Tensor] = {}
-    """Tensors the server sends with the global adapter (e.g. SCAFFOLD's c); empty = nothing extra."""
 
     def on_gradients(self, params: Mapping[str, Tensor], lr: float) -> None:
         """Adjust ``param.grad`` in place; ``params`` are the trainable parameters by ``trainable_state`` name and
         ``lr`` the learning rate of the step about to be taken."""
 
-    def finish(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
-        """After the last step: what the client sends up besides its adapter (and its private state updates)."""
+    def finish(self, params: Mapping[str, Tensor], metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """After the last step: what the client sends up besides its adapter (and its private state updates).
+
+        ``metrics`` are the round's training metrics (e.g. the mean ``reward`` FGRPO's gain is measured on)."""
         return {}
 
 
 class Aggregator:
     """Base of the server aggregators: turn the clients' updates into the next global adapter."""
 
-    def local_objective(self, global_state: dict[str, Tensor], client_extra: dict[str, Any]) -> LocalObjective | None:
-        """The client-side part of the algorithm for one client's round; None = plain local training.
+    def downlink(self, global_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Server side: tensors every client receives with the global adapter (e.g. SCAFFOLD's c); none here."""
+        return {}
+
+    def local_objective(
+        self,
+        global_state: dict[str, Tensor],
+        client_extra: dict[str, Any],
+        down: Mapping[str, Tensor] | None = None,
+    ) -> LocalObjective | None:
+        """Client side: the algorithm's part of one client's round; None = plain local training.
 
         ``client_extra`` is the client's private, persistent algorithm state (``ClientState.extra``), which the
-        objective may update in ``finish``.
+        objective may update in ``finish``; ``down`` is what the server's ``downlink`` sent (None: compute it here,
+        as one process holding both sides may).
         """
         return None
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars of the last aggregation to log (e.g. DP's epsilon); none here."""
+        return {}
 
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -164,8 +183,8 @@ class WeightedAggregator(Aggregator):
     """
 
     def __init__(self, weighting: Weighting = "prompts", lora_mode: LoraMode = "separate") -> None:
-        check_choice("weighting", weighting, _WEIGHTINGS)
-        check_choice("lora_mode", lora_mode, _LORA_MODES)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("lora_mode", lora_mode, LORA_MODES)
         self.weighting = weighting
         self.lora_mode = lora_mode
 

@@ -15,8 +15,8 @@ from fedrl_lightning.aggregation.base import (
     LoraMode,
     WeightedAggregator,
     Weighting,
-    _normalised,
     check_choice,
+    normalised,
     sample_weights,
 )
 from fedrl_lightning.aggregation.lora import average_states
@@ -79,7 +79,12 @@ class FedProx(FedAvg):
         """(μ/2) Σ ||w - w_global||² (see the module-level ``proximal_term``)."""
         return proximal_term(params, global_state, self.mu)
 
-    def local_objective(self, global_state: dict[str, Tensor], client_extra: dict[str, Any]) -> LocalObjective | None:
+    def local_objective(
+        self,
+        global_state: dict[str, Tensor],
+        client_extra: dict[str, Any],
+        down: Mapping[str, Tensor] | None = None,
+    ) -> LocalObjective | None:
         return ProximalObjective(global_state, self.mu) if self.mu > 0 else None
 
 
@@ -167,7 +172,7 @@ class TaskAwareFedAvg(FedAvg):
 
     def _within_task(self, updates: list[ClientUpdate], base: list[float], task: str) -> list[float]:
         if not self.accuracy_weighting:
-            return _normalised(base)
+            return normalised(base)
         acc = []
         for u in updates:
             if "accuracy" not in u.extra:
@@ -178,6 +183,6 @@ class TaskAwareFedAvg(FedAvg):
             acc.append(a)
         if self.accuracy_rule == "softmax":
             top = max(acc)
-            return _normalised([math.exp((a - top) / self.temperature) for a in acc])
+            return normalised([math.exp((a - top) / self.temperature) for a in acc])
         raw = [n * a**self.gamma for n, a in zip(base, acc)]
-        return _normalised(raw if sum(raw) > 0 else base)
+        return normalised(raw if sum(raw) > 0 else base)

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.aggregation.base import (
-    _F64,
-    _LORA_MODES,
+    F64,
+    LORA_MODES,
     LoraMode,
-    _mean64,
-    _normalised,
     check_choice,
     check_same_keys,
+    mean64,
+    normalised,
 )
 
 _LORA_FACTORS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
@@ -62,34 +62,34 @@ def _product_mean64(
     check_same_keys(states)
     pairs = lora_pairs(states[0])
     paired = {k for ab in pairs.values() for k in ab}
-    out = _mean64([{k: v for k, v in s.items() if k not in paired} for s in states], weights)
-    p = _normalised(weights)
+    out = mean64([{k: v for k, v in s.items() if k not in paired} for s in states], weights)
+    p = normalised(weights)
     for prefix, (a_key, b_key) in pairs.items():
         a0, b0 = states[0][a_key], states[0][b_key]
         if a0.ndim != 2 or b0.ndim != 2 or a0.shape[0] != b0.shape[1]:
             raise ValueError(f"product mode needs 2-D factors B (out, r) @ A (r, in) at {prefix!r}")
         rank = a0.shape[0]
-        prod = sum(w * (s[b_key].to(_F64) @ s[a_key].to(_F64)) for s, w in zip(states, p))
+        prod = sum(w * (s[b_key].to(F64) @ s[a_key].to(F64)) for s, w in zip(states, p))
         u, sv, vh = torch.linalg.svd(prod, full_matrices=False)
         k = min(rank, sv.numel())
         root = sv[:k].sqrt()
-        b = torch.zeros(b0.shape, dtype=_F64)
-        a = torch.zeros(a0.shape, dtype=_F64)
+        b = torch.zeros(b0.shape, dtype=F64)
+        a = torch.zeros(a0.shape, dtype=F64)
         b[:, :k], a[:k] = u[:, :k] * root, root[:, None] * vh[:k]
         # [CHOICE] A component with a (numerically) zero singular value would be zero in both factors and then get
         # no gradient ever again (e.g. a round where no client moved B). Keep B's column at zero and give A's row
         # the singular vector at the clients' RMS row norm of A, so the product is unchanged and B can still learn.
-        tol = max(prod.shape) * torch.finfo(_F64).eps * (float(sv[0]) if sv.numel() else 0.0)
+        tol = max(prod.shape) * torch.finfo(F64).eps * (float(sv[0]) if sv.numel() else 0.0)
         dead = [j for j in range(k) if float(sv[j]) <= tol]
         if dead:
-            row_norm = math.sqrt(sum(w * float(s[a_key].to(_F64).pow(2).sum()) / rank for s, w in zip(states, p)))
+            row_norm = math.sqrt(sum(w * float(s[a_key].to(F64).pow(2).sum()) / rank for s, w in zip(states, p)))
             a[dead] = vh[dead] * row_norm
         # [CHOICE] SVD signs are arbitrary; flip each component to agree with the current global adapter so that the
         # factor-space delta (used by server optimizers) does not jump between rounds. The product is unchanged.
         if reference is not None and a_key in reference and b_key in reference:
-            ref_a, ref_b = reference[a_key].to(_F64), reference[b_key].to(_F64)
+            ref_a, ref_b = reference[a_key].to(F64), reference[b_key].to(F64)
             if ref_a.shape == a.shape and ref_b.shape == b.shape:
-                sign = torch.where((a * ref_a).sum(1) + (b * ref_b).sum(0) < 0, -1.0, 1.0).to(_F64)
+                sign = torch.where((a * ref_a).sum(1) + (b * ref_b).sum(0) < 0, -1.0, 1.0).to(F64)
                 a, b = a * sign[:, None], b * sign
         out[a_key], out[b_key] = a, b
     return {k: out[k] for k in states[0]}
@@ -118,16 +118,17 @@ def average_states(
     reference: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``weighted_average`` (``separate``: A and B averaged independently) or ``product_average`` (``product``)."""
-    return {k: v.to(states[0][k].dtype) for k, v in _average64(states, weights, lora_mode, reference).items()}
+    return {k: v.to(states[0][k].dtype) for k, v in average64(states, weights, lora_mode, reference).items()}
 
 
-def _average64(
+def average64(
     states: Sequence[Mapping[str, Tensor]],
     weights: Sequence[float],
     lora_mode: LoraMode,
     reference: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    check_choice("lora_mode", lora_mode, _LORA_MODES)
+    """``average_states`` on CPU, left in float64 (the dtype of the inputs is not restored)."""
+    check_choice("lora_mode", lora_mode, LORA_MODES)
     if lora_mode == "product":
         return _product_mean64(states, weights, reference)
-    return _mean64(states, weights)
+    return mean64(states, weights)

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.aggregation.base import (
-    _F64,
-    _WEIGHTINGS,
+    F64,
+    WEIGHTINGS,
     Aggregator,
     ClientUpdate,
     Weighting,
@@ -40,7 +40,7 @@ class _CoordinateWise(Aggregator):
         check_same_keys(states)
         out = {}
         for name, ref in states[0].items():
-            ordered = torch.stack([s[name].detach().to("cpu", _F64) for s in states]).sort(dim=0).values
+            ordered = torch.stack([s[name].detach().to("cpu", F64) for s in states]).sort(dim=0).values
             out[name] = self.reduce(ordered).to(ref.dtype)
         return out
 
@@ -98,7 +98,7 @@ class Krum(Aggregator):
             raise ValueError(f"num_malicious must be >= 0, got {num_malicious}")
         if num_selected < 1:
             raise ValueError(f"num_selected must be >= 1, got {num_selected}")
-        check_choice("weighting", weighting, _WEIGHTINGS)
+        check_choice("weighting", weighting, WEIGHTINGS)
         self.num_malicious, self.num_selected, self.weighting = num_malicious, num_selected, weighting
         self.last_selected: list[int] = []
 
@@ -110,9 +110,9 @@ class Krum(Aggregator):
                 f"Krum needs n > 2f + 2 clients: got n={n} with num_malicious f={f} (need n >= {2 * f + 3})"
             )
         check_same_keys(states)
-        dist = torch.zeros(n, n, dtype=_F64)
+        dist = torch.zeros(n, n, dtype=F64)
         for name in states[0]:
-            flat = torch.stack([s[name].detach().to("cpu", _F64).reshape(-1) for s in states])
+            flat = torch.stack([s[name].detach().to("cpu", F64).reshape(-1) for s in states])
             for i in range(n):
                 dist[i] += (flat - flat[i]).pow(2).sum(dim=1)
         dist.fill_diagonal_(float("inf"))

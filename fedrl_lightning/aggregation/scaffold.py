@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrl_lightning.aggregation.base import _F64, ClientUpdate, LocalObjective, Weighting
-from fedrl_lightning.aggregation.server_opt import ServerOptimizer, _check_state_keys, _load_tensors
+from fedrl_lightning.aggregation.base import F64, ClientUpdate, LocalObjective, Weighting
+from fedrl_lightning.aggregation.server_opt import ServerOptimizer, check_state_keys, load_tensors
 
 
 def scaffold_correction(
@@ -50,11 +50,11 @@ def scaffold_new_client_c(
         raise ValueError(f"num_steps and lr must be > 0, got {num_steps} and {lr}")
     out = {}
     for name, x in x_global.items():
-        new = (x.to(_F64) - y_local[name].to(x.device, _F64)) / (num_steps * lr)
+        new = (x.to(F64) - y_local[name].to(x.device, F64)) / (num_steps * lr)
         if name in c_client:
-            new = new + c_client[name].to(x.device, _F64)
+            new = new + c_client[name].to(x.device, F64)
         if name in c_global:
-            new = new - c_global[name].to(x.device, _F64)
+            new = new - c_global[name].to(x.device, F64)
         out[name] = new.to(torch.promote_types(x.dtype, torch.float32))
     return out
 
@@ -85,8 +85,17 @@ class Scaffold(ServerOptimizer):
         self.server_lr, self.num_clients = server_lr, num_clients
         self.c: dict[str, Tensor] = {}
 
-    def local_objective(self, global_state: dict[str, Tensor], client_extra: dict[str, Any]) -> LocalObjective:
-        return ScaffoldObjective(self.control_variate(global_state), client_extra, global_state)
+    def downlink(self, global_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.control_variate(global_state)
+
+    def local_objective(
+        self,
+        global_state: dict[str, Tensor],
+        client_extra: dict[str, Any],
+        down: Mapping[str, Tensor] | None = None,
+    ) -> LocalObjective:
+        c_global = dict(down) if down is not None else self.control_variate(global_state)
+        return ScaffoldObjective(c_global, client_extra, global_state)
 
     def control_variate(self, global_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The server control variate c, in the global adapter's dtypes (zeros before the first aggregation)."""
@@ -107,10 +116,10 @@ class Scaffold(ServerOptimizer):
             if dc is None or set(dc) != set(global_state):
                 raise ValueError(f"client {u.client_id} sent no extra['scaffold_delta_c'] with the adapter's keys")
             deltas.append(dc)
-        _check_state_keys("control variate", self.c, global_state)
+        check_state_keys("control variate", self.c, global_state)
         new = super().aggregate(global_state, updates)
         self.c = {
-            k: self.c.get(k, torch.zeros(v.shape, dtype=_F64)) + sum(dc[k].to("cpu", _F64) for dc in deltas) / n_total
+            k: self.c.get(k, torch.zeros(v.shape, dtype=F64)) + sum(dc[k].to("cpu", F64) for dc in deltas) / n_total
             for k, v in global_state.items()
         }
         return new
@@ -119,7 +128,7 @@ class Scaffold(ServerOptimizer):
         return {"c": dict(self.c)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.c = _load_tensors(state.get("c"))
+        self.c = load_tensors(state.get("c"))
 
 
 class ScaffoldObjective(LocalObjective):
@@ -148,12 +157,12 @@ class ScaffoldObjective(LocalObjective):
         self.steps += 1
         self.lr_sum += lr
 
-    def finish(self, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    def finish(self, params: Mapping[str, Tensor], metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
         if self.steps == 0:
             raise RuntimeError("SCAFFOLD: the client took no optimizer step this round")
         y = {k: p.detach().cpu() for k, p in params.items()}
         new_c = scaffold_new_client_c(self.c_client, self.down, self.x_global, y, self.steps, self.lr_sum / self.steps)
-        zero = torch.zeros((), dtype=_F64)
+        zero = torch.zeros((), dtype=F64)
         delta = {k: v - self.c_client.get(k, zero).to(v.dtype) for k, v in new_c.items()}
         self.client_extra["scaffold_c"] = new_c
         return {"scaffold_delta_c": delta}

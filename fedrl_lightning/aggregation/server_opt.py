@@ -14,21 +14,23 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.aggregation.base import (
-    _F64,
+    F64,
     ClientUpdate,
     LoraMode,
     WeightedAggregator,
     Weighting,
     check_same_keys,
 )
-from fedrl_lightning.aggregation.lora import _average64
+from fedrl_lightning.aggregation.lora import average64
 
 
-def _load_tensors(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", _F64).clone() for k, v in (tensors or {}).items()}
+def load_tensors(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """Detached float64 CPU copies of saved server-state tensors (None = no tensors)."""
+    return {k: v.detach().to("cpu", F64).clone() for k, v in (tensors or {}).items()}
 
 
-def _check_state_keys(what: str, state: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> None:
+def check_state_keys(what: str, state: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError naming the keys if a non-empty server ``state`` (``what``) and ``delta`` differ in keys."""
     if state and set(state) != set(delta):
         raise ValueError(f"the {what} has keys {sorted(set(state) ^ set(delta))[:5]} that the global adapter lacks")
 
@@ -49,8 +51,8 @@ class ServerOptimizer(WeightedAggregator):
         """Δ̄ = Σ p_i (y_i - x) in float64."""
         states = [u.state for u in updates]
         check_same_keys([global_state, *states], "global adapter and client states (index 0 = global)")
-        mean = _average64(states, self.weights(updates), self.lora_mode, global_state)
-        return {k: mean[k] - global_state[k].detach().to("cpu", _F64) for k in global_state}
+        mean = average64(states, self.weights(updates), self.lora_mode, global_state)
+        return {k: mean[k] - global_state[k].detach().to("cpu", F64) for k in global_state}
 
     def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -59,7 +61,7 @@ class ServerOptimizer(WeightedAggregator):
         if not updates:
             return global_state
         delta = self.pseudo_gradient(global_state, updates)
-        new = self.step({k: v.detach().to("cpu", _F64) for k, v in global_state.items()}, delta)
+        new = self.step({k: v.detach().to("cpu", F64) for k, v in global_state.items()}, delta)
         return {k: new[k].to(v.dtype) for k, v in global_state.items()}
 
 
@@ -92,7 +94,7 @@ class FedAvgM(ServerOptimizer):
         self.buffer: dict[str, Tensor] = {}
 
     def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
-        _check_state_keys("momentum buffer", self.buffer, delta)
+        check_state_keys("momentum buffer", self.buffer, delta)
         buf = {k: self.momentum * self.buffer[k] + d if self.buffer else d for k, d in delta.items()}
         self.buffer = buf
         return {k: params[k] + self.server_lr * buf[k] for k in params}
@@ -101,7 +103,7 @@ class FedAvgM(ServerOptimizer):
         return {"momentum_buffer": dict(self.buffer)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer = _load_tensors(state.get("momentum_buffer"))
+        self.buffer = load_tensors(state.get("momentum_buffer"))
 
 
 class FedOpt(ServerOptimizer):
@@ -159,7 +161,7 @@ class FedOpt(ServerOptimizer):
         raise NotImplementedError
 
     def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
-        _check_state_keys("first moment", self.m, delta)
+        check_state_keys("first moment", self.m, delta)
         b1, t = self.beta_1, self.t + 1
         m, v = {}, {}
         for k, d in delta.items():
@@ -176,7 +178,7 @@ class FedOpt(ServerOptimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state.get("step", 0))
-        self.m, self.v = _load_tensors(state.get("m")), _load_tensors(state.get("v"))
+        self.m, self.v = load_tensors(state.get("m")), load_tensors(state.get("v"))
 
 
 class FedAdagrad(FedOpt):

@@ -1,9 +1,9 @@
 """Flower adapter: run fedrl-lightning's clients and server on Flower's Message API (``pip install -e .[flower]``).
 
-- ``client_app``: the ClientApp (``@app.train``: one ``FederatedTrainer.client_round``; ``@app.evaluate``: held-out
-  accuracy), client state on the client's disk (``state``).
-- ``server_app``: the ServerApp (``@app.main``), running ``strategy.FedRLStrategy``: our selector, aggregators,
-  hooks (``hooks``, with FGRPO's client/server split) and checkpoints.
+- ``client_app``: the ClientApp (``@app.train``: one ``Client.run_round``; ``@app.evaluate``: held-out accuracy),
+  client state on the client's disk (``state``).
+- ``server_app``: the ServerApp (``@app.main``): our ``Server`` run by ``strategy.FedRLStrategy`` over the
+  ``transport.FlowerTransport`` (messages to SuperNodes), the same round loop as ``fedrl fit``.
 - ``settings``: how the Flower run config points at our YAML configs; ``records``: what crosses the wire.
 
 A Flower app project whose components are these apps is ``examples/flower/`` (``flwr run examples/flower``).

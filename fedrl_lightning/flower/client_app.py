@@ -1,17 +1,16 @@
-"""The Flower ClientApp: one of our clients' rounds per ``train`` message, held-out evaluation per ``evaluate``.
+"""The Flower ClientApp: one ``Client.run_round`` per ``train`` message, held-out evaluation per ``evaluate``.
 
-The ClientApp builds a ``FederatedTrainer`` from the run's YAML config (``settings``) and runs its
-``client_round`` for this SuperNode's client: the same local GRPO steps, client hooks, fault checks (``client_timeout``,
-``max_update_norm``, non-finite updates) and aggregator-side ``LocalObjective`` as the in-process trainer. Which
-client a SuperNode is comes from its node config: ``partition-id`` (set by the simulation engine, or with
-``flower-supernode --node-config 'partition-id=0'``).
+The ClientApp builds our ``Client`` from the run's YAML config (``settings``) and runs its round for this
+SuperNode's client: the same local GRPO steps, client hooks, fault checks (``client_timeout``, ``max_update_norm``)
+and aggregator-side objective as in one process. Which client a SuperNode is comes from its node config:
+``partition-id`` (set by the simulation engine, or with ``flower-supernode --node-config 'partition-id=0'``).
 
-Per message: the global adapter arrives in ``arrays`` (and an aggregator's client-side tensors, e.g. SCAFFOLD's c,
-in ``objective``); the client's private state is loaded from its disk (``ClientStateStore``), the round runs, the
-new state is saved, and the adapter, metrics and side information go back (``records``). A raised error becomes
-Flower's error reply, which the server counts as a dropped client.
+Per message: the global adapter arrives in ``arrays`` and the aggregator's client-side tensors (e.g. SCAFFOLD's c)
+in ``objective``; the client's private state is loaded from its disk (``ClientStateStore``) into the client's
+bank, the round runs, the new state is saved, and the adapter, metrics and side information go back (``records``).
+A raised error becomes Flower's error reply, which the server counts as a dropped client.
 
-The built trainer is cached per process: the simulation engine keeps its workers across rounds, so the model loads
+The built client is cached per process: the simulation engine keeps its workers across rounds, so the model loads
 once per worker; a deployment SuperNode starts a process per message and loads it every time (from the local
 safetensors cache for the embedded model).
 """
@@ -19,46 +18,60 @@ safetensors cache for the embedded model).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from lightning.fabric import Fabric
 
-from fedrl_lightning.aggregation import Aggregator, LocalObjective
-from fedrl_lightning.client import ClientState, evaluate
-from fedrl_lightning.flower import hooks, records
+from fedrl_lightning.client import Client, Downlink
+from fedrl_lightning.flower import records
 from fedrl_lightning.flower.settings import FlowerSettings, build
 from fedrl_lightning.flower.state import ClientStateStore
+from fedrl_lightning.rollout.hf import HFRollout
 
 
 @dataclass
-class _Client:
-    """A set-up trainer and what a round needs besides it."""
+class _Site:
+    """This process's client and where its states live."""
 
-    trainer: Any
-    initial_states: dict[int, ClientState]
+    client: Client
     state_root: Path
+    keep: int
+    eval_batch_size: int
 
 
-_CACHE: dict[tuple[Any, ...], _Client] = {}
+_CACHE: dict[tuple[Any, ...], _Site] = {}
 
 
-def _client(settings: FlowerSettings, node_config: Mapping[str, Any]) -> _Client:
-    """The process's trainer for these settings, built and set up on first use."""
+def _site(settings: FlowerSettings, node_config: Mapping[str, Any]) -> _Site:
+    """The process's client for these settings, built and set up on first use."""
     key = (*settings.cli_args(), settings.client_state_dir)
     if key not in _CACHE:
-        trainer, module, data = build(settings, "--trainer.progress", "false")
-        trainer.setup(module, data, ckpt_path=None)  # the server owns the run's checkpoints
-        trainer.fabric.call("on_fit_start", trainer=trainer, module=trainer.module)
-        # Snapshots of the fresh states: the trainer replaces a state's fields after a round, never mutates them.
-        initial = {cid: replace(s) for cid, s in trainer.client_states.items()}
-        _CACHE[key] = _Client(trainer, initial, Path(settings.client_state_dir or trainer.output_dir / "clients"))
-    client = _CACHE[key]
+        args, module, data = build(settings, "--trainer.progress", "false")
+        fabric = Fabric(accelerator=args["accelerator"], devices=1, precision=args["precision"])
+        fabric.launch()
+        fabric.seed_everything(args["seed"])
+        client = Client.setup(
+            fabric,
+            module,
+            data,
+            args["rollout"] or HFRollout(),
+            args["aggregation"],
+            local_steps=args["local_steps"],
+            seed=args["seed"],
+            client_timeout=args["client_timeout"],
+            max_update_norm=args["max_update_norm"],
+            callbacks=args["callbacks"] or [],
+        )
+        root = Path(settings.client_state_dir or Path(args["output_dir"]) / "clients")
+        _CACHE[key] = _Site(client, root, max(2, args["keep_checkpoints"]), args["eval_batch_size"])
+    site = _CACHE[key]
     if "state-dir" in node_config:
-        return replace(client, state_root=Path(str(node_config["state-dir"])))
-    return client
+        return _Site(site.client, Path(str(node_config["state-dir"])), site.keep, site.eval_batch_size)
+    return site
 
 
 def client_id(context: Context, num_clients: int) -> int:
@@ -75,56 +88,34 @@ def client_id(context: Context, num_clients: int) -> int:
     return cid
 
 
-class _ServerObjective(Aggregator):
-    """The client's aggregator, with the client-side tensors the server sent instead of locally computed ones.
-
-    ``client_round`` asks its aggregator for the round's ``LocalObjective``; on a client that aggregator has never
-    aggregated (SCAFFOLD's c is zero there), so the objective's ``down`` is replaced by what the server sent.
-    """
-
-    def __init__(self, inner: Aggregator, down: dict[str, Any]) -> None:
-        self.inner, self.down = inner, down
-
-    def local_objective(self, global_state: dict[str, Any], client_extra: dict[str, Any]) -> LocalObjective | None:
-        objective = self.inner.local_objective(global_state, client_extra)
-        if objective is not None:
-            objective.down = self.down
-        return objective
-
-
 def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
     """One client round from the message's global adapter and round number; the reply carries the update."""
-    client = _client(settings, context.node_config)
-    trainer = client.trainer
-    cid = client_id(context, len(client.initial_states))
+    site = _site(settings, context.node_config)
+    client = site.client
+    cid = client_id(context, len(client.data.client_ids()))
     r = int(msg.content["config"]["server-round"])
-    like = trainer.module.trainable_state()
-    trainer.global_state = records.from_record(msg.content["arrays"], like)
-    store = ClientStateStore(client.state_root, cid, keep=max(2, trainer.keep_checkpoints))
+    global_state = records.from_record(msg.content["arrays"], client.initial_adapter)
+    objective = records.from_record(msg.content["objective"]) if "objective" in msg.content else {}
+    store = ClientStateStore(site.state_root, cid, keep=site.keep, fabric=client.fabric)
     saved = store.load(before_round=r)
-    trainer.client_states[cid] = saved if saved is not None else replace(client.initial_states[cid])
-    aggregation = trainer.aggregation
-    if "objective" in msg.content:
-        trainer.aggregation = _ServerObjective(aggregation, records.from_record(msg.content["objective"]))
-    try:
-        update = trainer.client_round(r, cid)
-    finally:
-        trainer.aggregation = aggregation
-    state = trainer.client_states[cid]
-    hooks.client_side(trainer.fabric._callbacks, state.extra, update)
-    store.save(r, state)
+    if saved is not None:
+        client.bank.put(cid, saved)
+    else:
+        client.bank.forget([cid])
+    update = client.run_round(cid, Downlink(r, global_state, objective))
+    store.save(r, client.bank.get(cid, clone=True))
     return Message(content=records.update_to_content(update), reply_to=msg)
 
 
 def evaluate_global(msg: Message, context: Context, settings: FlowerSettings) -> Message:
     """Greedy accuracy and reward of the global adapter on this client's held-out split."""
-    client = _client(settings, context.node_config)
-    trainer = client.trainer
-    cid = client_id(context, len(client.initial_states))
-    trainer.module.load_trainable_state(records.from_record(msg.content["arrays"], trainer.module.trainable_state()))
-    examples = trainer.data.eval_examples(cid)
-    result = evaluate(trainer.module, trainer.rollout, examples, trainer.eval_batch_size)
-    metrics = {"client-id": cid, "num-examples": len(examples), **{f"eval/{k}": v for k, v in result.items()}}
+    site = _site(settings, context.node_config)
+    client = site.client
+    cid = client_id(context, len(client.data.client_ids()))
+    adapter = records.from_record(msg.content["arrays"], client.initial_adapter)
+    result = client.evaluate(cid, adapter, site.eval_batch_size)
+    num_examples = len(client.data.eval_examples(cid))
+    metrics = {"client-id": cid, "num-examples": num_examples, **{f"eval/{k}": v for k, v in result.items()}}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -1,8 +1,8 @@
-"""The Flower ServerApp: our server (``FedRLStrategy``) built from the run's YAML config, resumable.
+"""The Flower ServerApp: our ``Server`` built from the run's YAML config, run by ``FedRLStrategy``, resumable.
 
-It parses the same config as the ClientApps (``settings``), so the module, aggregator and callbacks are the ones
-``fedrl fit`` would build; the module is only needed for the initial adapter and to export the final one.
-Outputs go where ``fedrl fit`` puts them, under ``trainer.output_dir``: ``checkpoints/round-NNNNNN/``,
+It parses the same config as the ClientApps (``settings``), so the aggregator, selector, callbacks and fault rules
+are the ones ``fedrl fit`` would build; the module is only needed for the initial adapter and to export the final
+one. Outputs go where ``fedrl fit`` puts them, under ``trainer.output_dir``: ``checkpoints/round-NNNNNN/``,
 ``metrics.csv`` and TensorBoard logs, ``curves.png`` and the PEFT ``adapter/``. A restarted ServerApp (same config,
 ``ckpt-path = "last"``) continues after the newest valid checkpoint.
 """
@@ -11,54 +11,65 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
+from lightning.fabric import Fabric
 
+from fedrl_lightning import reporting
 from fedrl_lightning.flower import records
 from fedrl_lightning.flower.settings import FlowerSettings, build
 from fedrl_lightning.flower.strategy import FedRLStrategy
 from fedrl_lightning.plots import plot_run
+from fedrl_lightning.selection import UniformSelector
+from fedrl_lightning.server import Server
 
 log = logging.getLogger(__name__)
 
 
-def make_strategy(trainer: Any, data: Any, settings: FlowerSettings) -> FedRLStrategy:
-    """The strategy for a ``FederatedTrainer``'s server-side settings (aggregation, selector, faults, evaluation)."""
-    min_nodes = settings.min_nodes or len(data.client_ids())
-    return FedRLStrategy(
-        aggregation=trainer.aggregation,
-        callbacks=trainer.fabric._callbacks,
-        selector=trainer.selector,
-        checkpoint_dir=trainer.checkpoint_dir,
-        keep_checkpoints=trainer.keep_checkpoints,
-        ckpt_path=settings.ckpt_path,
-        min_available_nodes=min_nodes,
-        node_wait_timeout=settings.node_wait_timeout,
-        min_clients=trainer.min_clients,
-        round_retries=trainer.round_retries,
-        eval_every=trainer.eval_every,
-        eval_before_training=trainer.eval_before_training,
-        loggers=trainer.fabric.loggers,
+def make_server(args: Mapping[str, Any], output_dir: Path) -> Server:
+    """The server for ``FederatedTrainer``'s arguments ``args`` (aggregation, selector, faults, evaluation)."""
+    if args["aggregation"] is None:
+        raise ValueError("trainer.aggregation is null (local-only training): a Flower run needs an aggregator")
+    return Server(
+        Fabric(accelerator="cpu", devices=1),
+        args["aggregation"],
+        args["selector"] or UniformSelector(seed=args["seed"]),
+        args["num_rounds"],
+        callbacks=args["callbacks"] or [],
+        loggers=reporting.run_loggers(output_dir),
+        checkpoint_dir=output_dir / "checkpoints",
+        keep_checkpoints=args["keep_checkpoints"],
+        min_clients=args["min_clients"],
+        round_retries=args["round_retries"],
+        eval_every=args["eval_every"],
+        eval_before_training=args["eval_before_training"],
     )
 
 
 def run_server(grid: Grid, settings: FlowerSettings) -> tuple[Result, FedRLStrategy]:
     """Build the server from ``settings``, run or resume the rounds on ``grid``, and write the outputs."""
-    trainer, module, data = build(settings, "--trainer.progress", "false")
-    strategy = make_strategy(trainer, data, settings)
+    args, module, data = build(settings, "--trainer.progress", "false")
+    output_dir = Path(args["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
     initial = module.trainable_state()
-    strategy.dtypes = {k: v.dtype for k, v in initial.items()}
-    result = strategy.start(
-        grid, records.to_record(initial), num_rounds=trainer.num_rounds, timeout=settings.round_timeout
+    strategy = FedRLStrategy(
+        make_server(args, output_dir),
+        ckpt_path=settings.ckpt_path,
+        min_available_nodes=settings.min_nodes or len(data.client_ids()),
+        node_wait_timeout=settings.node_wait_timeout,
+        dtypes={k: v.dtype for k, v in initial.items()},
     )
-    module.save_adapter(trainer.output_dir / "adapter", strategy.global_state)
-    if trainer.save_merged:
-        module.save_merged(trainer.output_dir / "merged", strategy.global_state)
-    plot_run(strategy.history, trainer.output_dir / "curves.png")
-    log.info("fedrl-lightning on Flower: %d rounds done, outputs in %s", strategy.round_idx, trainer.output_dir)
+    result = strategy.start(grid, records.to_record(initial), timeout=settings.round_timeout)
+    server = strategy.server
+    module.save_adapter(output_dir / "adapter", server.global_state)
+    if args["save_merged"]:
+        module.save_merged(output_dir / "merged", server.global_state)
+    plot_run(server.history, output_dir / "curves.png")
+    log.info("fedrl-lightning on Flower: %d rounds done, outputs in %s", server.round_idx, output_dir)
     return result, strategy
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrl_lightning.cli import FedRLCLI
+from fedrl_lightning.data import FederatedData
+from fedrl_lightning.modules.policy import PolicyModule
 
 DEFAULTS: dict[str, Any] = {
     "config": "configs/tiny.yaml",
@@ -117,10 +119,19 @@ def resolve_config(name: str) -> Path:
     raise FileNotFoundError(f"Flower run config 'config': {name!r} is neither a file here nor under {_CHECKOUT}")
 
 
-def build(settings: FlowerSettings, *extra: str) -> tuple[Any, Any, Any]:
-    """(FederatedTrainer, module, data) from the settings, parsed as ``fedrl fit`` would (nothing set up yet)."""
+class _ArgumentsOnly(FedRLCLI):
+    """The ``fedrl fit`` parser, leaving the trainer as its arguments: a Flower app builds a server or a client."""
+
+    build_trainer = False
+
+
+def build(settings: FlowerSettings, *extra: str) -> tuple[dict[str, Any], PolicyModule, FederatedData]:
+    """(the trainer's arguments, module, data) from the settings, parsed as ``fedrl fit`` would (nothing set up).
+
+    The arguments hold the built aggregator, selector, rollout backend and callbacks, by ``FederatedTrainer``'s
+    parameter names."""
     with warnings.catch_warnings():
         # Flower's app processes have argv of their own; LightningCLI would warn that it ignores them.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = FedRLCLI(args=settings.cli_args(*extra), run=False)
-    return cli.trainer, cli.model, cli.datamodule
+        cli = _ArgumentsOnly(args=settings.cli_args(*extra), run=False)
+    return dict(vars(cli.trainer)), cli.model, cli.datamodule

@@ -15,8 +15,10 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
+from lightning.fabric import Fabric
+
 from fedrl_lightning import checkpoint
-from fedrl_lightning.client import ClientState
+from fedrl_lightning.client_state import ClientState
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +31,15 @@ class ClientStateStore:
         client_id: whose states (the partition id).
         keep: states kept (the newest); at least the server's ``keep_checkpoints``, so that a resumed server finds
             the state its checkpoint needs.
+        fabric: the client's Fabric, which writes the states; None = a single-process CPU one.
     """
 
-    def __init__(self, root: str | Path, client_id: int, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, client_id: int, keep: int = 2, fabric: Fabric | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(root) / f"client{client_id}"
         self.client_id, self.keep = client_id, keep
+        self.fabric = fabric if fabric is not None else Fabric(accelerator="cpu", devices=1)
 
     def rounds(self) -> list[int]:
         """Rounds with a saved state (valid or not), ascending."""
@@ -53,7 +57,7 @@ class ClientStateStore:
         for r in reversed(saved):
             path = self.directory / f"round-{r:06d}"
             if r < before_round and checkpoint.is_valid(path):
-                return ClientState(**checkpoint.load(path))
+                return ClientState(**checkpoint.load(path)["client"])
             if r < before_round:
                 log.warning("client state %s is incomplete or corrupt; trying an earlier one", path)
         if saved:
@@ -66,6 +70,5 @@ class ClientStateStore:
     def save(self, round_idx: int, state: ClientState) -> Path:
         """Save the state after round ``round_idx`` (atomically; older states beyond ``keep`` are removed)."""
         # Not dataclasses.asdict, which deep-copies every tensor.
-        return checkpoint.save(
-            self.directory, round_idx, {f.name: getattr(state, f.name) for f in fields(state)}, self.keep
-        )
+        fields_ = {f.name: getattr(state, f.name) for f in fields(state)}
+        return checkpoint.save(self.directory, round_idx, self.fabric, {"client": fields_}, self.keep)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.expert_advantages import SCORINGS, combine_expert_rewards, federated_advantages
-from fedrl_lightning.modules.grpo import GRPOModule, RewardFunc, _nanstd
+from fedrl_lightning.modules.grpo import GRPOModule
+from fedrl_lightning.modules.pg import RewardFunc, nanstd
 from fedrl_lightning.rewards import format_reward, reasoning_gym_reward, tag_count_reward
 from fedrl_lightning.rollout import Rollout
 
@@ -117,7 +118,7 @@ class FedGRPOModule(GRPOModule):
                 rewards.append(combine_expert_rewards(per_expert[None], torch.tensor([weights]))[0])
         out = torch.cat(rewards).float()
         self.tracker.update("rewards/experts/mean", torch.nanmean(out))
-        self.tracker.update("rewards/experts/std", _nanstd(out))
+        self.tracker.update("rewards/experts/std", nanstd(out))
         self.tracker.update("rewards/experts/abstained", torch.isnan(out).float().mean())
         return out[:, None]
 

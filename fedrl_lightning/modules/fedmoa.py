@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -151,7 +152,7 @@ class FedMOAModule(GRPOModule):
         batch.advantages = batch.objective_advantages @ self.objective_weights().to(batch.advantages.dtype)
         return batch
 
-    def backward_step(self, fabric: Any, batch: GRPOBatch) -> None:
+    def backward_step(self, fabric: L.Fabric, batch: GRPOBatch) -> None:
         """One forward, one backward per objective: keeps each ∇L_k and accumulates Σ λ_k ∇L_k into ``.grad``."""
         params = list(self.trainable_parameters().values())
         weights = self.objective_weights().tolist()
@@ -173,7 +174,7 @@ class FedMOAModule(GRPOModule):
             self.tracker.update(f"fedmoa/loss/{self.objective_names[k]}", value * batch.num_micro_batches)
         self.tracker.update("loss", total * batch.num_micro_batches)
 
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Move the objective weights by the hypergradient, now that ∇L_0(θ_s) is known."""
         current, self._step_grads = self._step_grads, None
         if current is None:

@@ -141,10 +141,6 @@ class PolicyModule(L.LightningModule):
     def load_client_state(self, state: dict[str, Any]) -> None:
         """Swap in a client's private algorithm state (``{}`` before its first round: start fresh)."""
 
-    def backward_step(self, fabric: Any, batch: Any) -> None:
-        """Loss and backward of one micro-batch (an algorithm with several objectives may backpropagate each)."""
-        fabric.backward(self.training_step(batch))
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = list(self.trainable_parameters().values())
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.adam_betas)

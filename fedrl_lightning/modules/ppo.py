@@ -1,7 +1,8 @@
 """PPO with a value head: per-token KL-shaped rewards, GAE, clipped policy and value losses, epochs of minibatches.
 
 ``research/rl_anchors.md`` §3.7 and ``research/algorithms.md`` §5 (TunePPO). Sampling, rewards, the clipped policy
-loss and its aggregation, the k3 KL term and the vLLM importance correction come from ``GRPOModule``; what PPO adds:
+loss and its aggregation, the k3 KL term and the vLLM importance correction come from ``PolicyGradientModule``; what
+PPO adds:
 
 * a scalar value head on the policy's last hidden states (trained with the adapter, federated with it);
 * per-token rewards r_t = -kl_coef (log π_old - log π_ref)_t (k1) plus the sequence score on the last token;
@@ -13,49 +14,55 @@ loss and its aggregation, the k3 KL term and the vLLM importance correction come
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import PeftModel
 from torch import Tensor, nn
 
 from fedrl_lightning.losses import (
     LossType,
+    ScaleRewards,
     clipped_value_loss,
     gae,
-    mask_truncated,
     masked_mean,
     masked_whiten,
     weighted_reward_sum,
 )
-from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
+from fedrl_lightning.modules.pg import PolicyGradientBatch, PolicyGradientModule, model_inputs
 from fedrl_lightning.rollout import Rollout
+
+log = logging.getLogger(__name__)
 
 VALUE_PREFIX = "value_head."
 VALUE_ADAPTER = "value"
 
 
 @contextmanager
-def _only_adapter(model: Any, name: str) -> Iterator[None]:
-    """Run ``model`` with only adapter ``name`` active, leaving every adapter's ``requires_grad`` as it is (PEFT's
-    ``set_adapter`` would freeze the others)."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    previous = [m._active_adapter for m in layers]
-    for m in layers:
-        m._active_adapter = [name]
+def only_adapter(model: PeftModel, name: str) -> Iterator[None]:
+    """Run ``model`` with adapter ``name`` the only active one, then reactivate the previous adapter.
+
+    PEFT's public ``set_adapter`` switches; it also unfreezes the adapter it activates and freezes the others, so
+    every parameter's ``requires_grad`` is put back on exit: all adapters keep training.
+    """
+    previous = model.active_adapter
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(name)
     try:
         yield
     finally:
-        for m, active in zip(layers, previous):
-            m._active_adapter = active
+        model.set_adapter(previous)
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
 
 
 @dataclass
-class PPOBatch(GRPOBatch):
-    """A ``GRPOBatch`` whose advantages are per token, plus the value targets.
+class PPOBatch(PolicyGradientBatch):
+    """A ``PolicyGradientBatch`` whose advantages are per token, plus the value targets.
 
     Attributes:
         old_values: (N, C) value predictions at rollout time.
@@ -67,29 +74,11 @@ class PPOBatch(GRPOBatch):
 
     def select(self, index: Tensor) -> PPOBatch:
         """Rows ``index`` as a minibatch of its own (its token count becomes the loss normaliser)."""
-        mask = self.mask[index]
-        return replace(
-            self,
-            rollout=self.rollout.select(index),
-            advantages=self.advantages[index],
-            mask=mask,
-            old_log_probs=self.old_log_probs[index],
-            ref_log_probs=None if self.ref_log_probs is None else self.ref_log_probs[index],
-            old_values=self.old_values[index],
-            returns=self.returns[index],
-            num_items_in_batch=float(mask.sum()),
-        )
-
-    def micro_batches(self, size: int) -> list[PPOBatch]:
-        n = len(self.rollout)
-        chunks = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-        return [
-            replace(self.select(idx), num_items_in_batch=self.num_items_in_batch, num_micro_batches=len(chunks))
-            for idx in chunks
-        ]
+        rows = self.rows(index)
+        return replace(rows, num_items_in_batch=float(rows.mask.sum()))
 
 
-class PPOModule(GRPOModule):
+class PPOModule(PolicyGradientModule):
     """PPO on a LoRA policy with a scalar value head; rewards from the reward functions (or a reward model).
 
     A reward model is one more reward function: ``rewards.model.RewardModel(path=...)`` scores prompt + completion
@@ -110,11 +99,13 @@ class PPOModule(GRPOModule):
         value_model: ``head``: the value head reads the policy's own hidden states (one forward pass for both);
             ``lora``: a separate LoRA adapter (the policy's rank and targets) on the same base feeds the head, so
             the value loss never moves the policy's adapter (TunePPO's value model), at one more forward pass.
-        **kwargs: ``GRPOModule``'s arguments; ``num_iterations`` is the number of PPO epochs, ``epsilon`` the
-            policy clip range, ``beta`` an optional k3 KL term in the loss. Defaults follow TRL's PPO trainer.
+        num_iterations: PPO epochs over each generated batch.
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``: TRL's normalisations of the policy loss.
+        scale_rewards: unused: PPO normalises its advantages with ``whiten_advantages``. Accepted so that configs
+            written while ``PPOModule`` extended ``GRPOModule`` still parse; a value other than ``group`` is logged.
+        **kwargs: ``PolicyGradientModule``'s arguments (``epsilon`` is the policy clip range, ``beta`` an optional
+            k3 KL term in the loss) and the policy's. Defaults follow TRL's PPO trainer.
     """
-
-    group_relative = False
 
     def __init__(
         self,
@@ -132,9 +123,12 @@ class PPOModule(GRPOModule):
         value_model: Literal["head", "lora"] = "head",
         num_iterations: int = 4,
         loss_type: LossType = "bnpo",
+        scale_rewards: ScaleRewards = "group",
         **kwargs: Any,
     ) -> None:
         super().__init__(num_generations=num_generations, num_iterations=num_iterations, loss_type=loss_type, **kwargs)
+        if scale_rewards != "group":
+            log.warning("PPOModule ignores scale_rewards=%r: its advantages are whitened instead", scale_rewards)
         if num_mini_batches < 1 or num_mini_batches > self.prompts_per_step * num_generations:
             raise ValueError(f"num_mini_batches must be in [1, completions per step], got {num_mini_batches}")
         if not 0 <= gamma <= 1 or not 0 <= lam <= 1:
@@ -170,7 +164,7 @@ class PPOModule(GRPOModule):
             *args, temperature=self.sampling.temperature, with_entropy=with_entropy, with_hidden=shared
         )
         if not shared:
-            with _only_adapter(self.model, VALUE_ADAPTER):
+            with only_adapter(self.model, VALUE_ADAPTER):
                 hidden = self.completion_forward(*args, with_hidden=True)[2]
         return log_probs, entropy, self.value_head(hidden).squeeze(-1)
 
@@ -191,13 +185,10 @@ class PPOModule(GRPOModule):
         """Old log-probs and values, reference log-probs, KL-shaped per-token rewards, GAE; logs PPO's metrics."""
         scores = self.sequence_scores(rollout, rewards_per_func)
         mask = rollout.completion_mask
-        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-        parts = [self.log_probs_and_values(*a) for a in self._chunks(args)]
+        parts = [self.log_probs_and_values(*a) for a in self.chunks(model_inputs(rollout))]
         old = torch.cat([p[0] for p in parts])
         values = torch.cat([p[2] for p in parts]).float()
-        ref = None
-        if self.kl_coef > 0 or self.beta > 0:
-            ref = self._chunked(lambda *a: self.reference_log_probs(*a, temperature=self.sampling.temperature), args)
+        ref = self.rollout_reference_log_probs(rollout) if self.kl_coef > 0 or self.beta > 0 else None
         kl = (old - ref) * mask if ref is not None else torch.zeros_like(old)
         token_rewards = -self.kl_coef * kl
         last = (mask.sum(dim=1) - 1).clamp(min=0)
@@ -211,11 +202,11 @@ class PPOModule(GRPOModule):
         t.update("objective/non_score_reward", token_rewards.sum(dim=1).mean() - scores.mean())
         t.update("objective/rlhf_reward", token_rewards.sum(dim=1).mean())
         t.update("val/mean", masked_mean(values, mask))
-        self._log_rollout(rollout, scores)
+        self.log_rollout(rollout, scores)
         return PPOBatch(
             rollout,
             advantages,
-            mask_truncated(mask, rollout.is_truncated) if self.mask_truncated_completions else mask,
+            self.loss_mask(rollout),
             old,
             ref if self.beta > 0 else None,
             float(mask.sum()),
@@ -223,20 +214,16 @@ class PPOModule(GRPOModule):
             returns=returns,
         )
 
-    def optimizer_steps(self, batch: PPOBatch) -> Iterator[list[PPOBatch]]:
-        """``num_iterations`` epochs; each shuffles the batch into ``num_mini_batches`` optimizer steps."""
-        n = len(batch.rollout)
-        for _ in range(self.num_iterations):
-            order = torch.randperm(n)
-            for chunk in order.chunk(self.num_mini_batches):
-                yield batch.select(chunk).micro_batches(self.micro_batch_size)
+    def mini_batches(self, batch: PPOBatch) -> list[PPOBatch]:
+        """One PPO epoch (``optimizer_steps`` runs ``num_iterations``): the batch shuffled into ``num_mini_batches``
+        optimizer steps."""
+        return [batch.select(chunk) for chunk in torch.randperm(len(batch.rollout)).chunk(self.num_mini_batches)]
 
     # -- the loss of one micro-batch ---------------------------------------------------------------------------
 
     def training_step(self, batch: PPOBatch, batch_idx: int = 0) -> Tensor:
-        r = batch.rollout
-        args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
-        log_probs, entropy, values = self.log_probs_and_values(*args, with_entropy=self.log_entropy)
+        inputs = model_inputs(batch.rollout)
+        log_probs, entropy, values = self.log_probs_and_values(*inputs, with_entropy=self.log_entropy)
         weight = float(batch.mask.sum())
         if entropy is not None:
             self.tracker.update("entropy", masked_mean(entropy, batch.mask), weight)
@@ -255,4 +242,4 @@ class PPOModule(GRPOModule):
         return loss
 
 
-__all__ = ["PPOBatch", "PPOModule"]
+__all__ = ["PPOBatch", "PPOModule", "only_adapter"]

@@ -135,7 +135,7 @@ class HFRollout:
         device = next(model.parameters()).device
         prompt_ids = enc["input_ids"].repeat_interleave(params.num_generations, dim=0).to(device)
         prompt_mask = enc["attention_mask"].repeat_interleave(params.num_generations, dim=0).to(device)
-        eos_ids = _eos_ids(module.model, tokenizer)  # the live config, not the copy's snapshot of it
+        eos_ids = eos_token_ids(module.model, tokenizer)  # the live config, not the copy's snapshot of it
         sampling = params.temperature > 0
         gen_kwargs = dict(
             max_new_tokens=params.max_completion_length,
@@ -191,7 +191,8 @@ def _has_lora(model: Any) -> bool:
     return any(is_lora(m) for m in model.modules())
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a completion: the model's generation-config EOS ids, plus the tokenizer's EOS id."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

@@ -4,10 +4,11 @@ Both backends implement the rollout protocol of ``HFRollout`` and return the sam
 tokens (``Rollout.sampling_log_probs``) for the importance-sampling correction (``losses.importance_sampling_weights``).
 Prompt token ids are exactly ``HFRollout``'s (``encode_prompts``); vLLM receives token ids, never text.
 
-The engine holds a *copy* of the policy: ``fedrl_lightning.callbacks.vllm_sync.VLLMWeightSync`` keeps it current.
-Everything that touches vLLM internals is in this file and in the worker functions below, behind the small
-"engine operations" interface that the sync uses (``push_weights``, ``load_adapter``, ``use_adapter``,
-``remove_adapter``, ``reset_prefix_cache``, ``packed_modules_mapping``).
+The engine holds a *copy* of the policy, which each backend keeps current by itself: right before every generation
+its ``WeightSync`` (``rollout/vllm_sync.py``) compares the live adapter with the engine's copy and pushes only what
+changed. Everything that touches vLLM internals is in this file and in the worker functions below, behind the small
+"engine operations" interface that the sync uses (``vllm_sync.EngineOps``: ``push_weights``, ``load_adapter``,
+``use_adapter``, ``remove_adapter``, ``reset_prefix_cache``, ``packed_modules_mapping``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,22 +23,21 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
-from fedrl_lightning.rollout.hf import _eos_ids, encode_prompts
+from fedrl_lightning.rollout.hf import encode_prompts, eos_token_ids
+from fedrl_lightning.rollout.vllm_sync import Batches, SyncMethod, WeightSync
 
 log = logging.getLogger(__name__)
-
-Batches = Iterable[list[tuple[str, Tensor]]]
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------
 
 
-def _unpad_left(ids: Tensor, mask: Tensor) -> list[list[int]]:
+def unpad_left(ids: Tensor, mask: Tensor) -> list[list[int]]:
     """Rows of a left-padded batch without their padding."""
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
-def _build_rollout(
+def build_rollout(
     tokenizer: Any,
     enc: dict[str, Tensor],
     num_generations: int,
@@ -65,7 +64,7 @@ def _build_rollout(
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, is_truncated, texts, log_probs)
 
 
-def _request_seed(params: SamplingParams, seed_from_torch: bool) -> int | None:
+def request_seed(params: SamplingParams, seed_from_torch: bool) -> int | None:
     """A per-call seed drawn from torch's RNG, so a client's RNG state (swapped per client) drives its sampling."""
     if not seed_from_torch or params.temperature <= 0:
         return None
@@ -137,8 +136,8 @@ def _worker_weight(worker: Any, module_name: str) -> Tensor:
 class VLLMRollout:
     """Rollouts from an in-process ``vllm.LLM`` built lazily on the first generation from the policy's checkpoint.
 
-    The engine holds its own copy of the weights: add a ``VLLMWeightSync`` callback (or call ``sync.attach(self)``)
-    so it follows training; without one, rollouts come from the checkpoint's (base) weights.
+    The engine holds its own copy of the weights and follows the policy by itself: before each generation or
+    scoring call, ``weight_sync`` pushes the policy if it changed since the last push (``rollout/vllm_sync.py``).
 
     Args:
         max_prompt_length: keep at most this many prompt tokens (left-truncated), as ``HFRollout``.
@@ -152,6 +151,10 @@ class VLLMRollout:
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes (the G copies of a prompt share them).
         enforce_eager: skip torch.compile (on CPU compilation costs ~40 s at engine start).
         enable_lora: serve LoRA adapters (needed by the ``adapter`` sync method; the ``merge`` method works either way).
+        sync_method: how the policy reaches the engine: ``merge`` (changed layers' ``W + BA`` into the base weights;
+            no LoRA kernels at generation) or ``adapter`` (one ``LoRARequest`` per adapter version, so one engine
+            serves every client; needs ``enable_lora``); None = ``adapter`` when ``enable_lora``, else ``merge``.
+        sync_batch_mb: merge method: megabytes of tensors per engine call (bounds the extra memory of a push).
         max_lora_rank: largest adapter rank the engine accepts (>= the policy's ``lora_r``).
         max_loras: adapters resident at once (one per client is enough for one engine to serve every client).
         max_num_seqs: sequences decoded concurrently; None = vLLM's default.
@@ -174,6 +177,8 @@ class VLLMRollout:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = True,
         enable_lora: bool = False,
+        sync_method: SyncMethod | None = None,
+        sync_batch_mb: float = 256.0,
         max_lora_rank: int = 16,
         max_loras: int = 4,
         max_num_seqs: int | None = None,
@@ -190,20 +195,16 @@ class VLLMRollout:
         self.max_num_seqs, self.seed, self.logprobs_mode = max_num_seqs, seed, logprobs_mode
         self.seed_from_torch = seed_from_torch
         self.engine_kwargs = dict(engine_kwargs or {})
+        method = sync_method or ("adapter" if enable_lora else "merge")
+        if method == "adapter" and not enable_lora:
+            raise ValueError("sync_method='adapter' needs a LoRA-enabled engine: VLLMRollout(enable_lora=True)")
+        self.weight_sync = WeightSync(method, batch_mb=sync_batch_mb, max_adapters=max_loras)
         self.llm: Any = None
         self.lora_request: Any = None
         """The adapter generation uses (set by the adapter sync); None = the engine's own (possibly merged) weights."""
-        self.merged_state: dict[str, tuple[Tensor, Tensor]] = {}
-        """Per adapted module (PEFT name): the (A, B) merged into the engine's weights by the merge sync."""
-        self._before_generate: list[Callable[[Any, Any], None]] = []
         self._packed: dict[str, list[str]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-
-    def add_before_generate(self, fn: Callable[[Any, Any], None]) -> None:
-        """Call ``fn(backend, module)`` before every generation or scoring call (once per call, in order)."""
-        if fn not in self._before_generate:
-            self._before_generate.append(fn)
 
     def engine(self, module: Any) -> Any:
         """The ``vllm.LLM``, built on first use from the module's checkpoint."""
@@ -253,22 +254,23 @@ class VLLMRollout:
         except Exception as err:  # best effort: the engine is dropped either way
             log.warning("vLLM engine shutdown: %s", err)
         self.llm, self.lora_request, self._packed = None, None, None
-        self.merged_state = {}
+        self.weight_sync.reset()  # a new engine starts from the checkpoint with no adapters
         gc.collect()
 
     def reset_weights(self) -> None:
-        """Reload the checkpoint's weights into the engine and generate without an adapter (undoes every sync)."""
+        """Reload the checkpoint's weights, unregister every adapter version (undoes every sync; the next generation
+        pushes the policy again if it is not the checkpoint's)."""
         if self.llm is None:
             return
         with _quiet(*_RELOAD_LOGGERS):
             self.llm.collective_rpc("reload_weights")
-        self.merged_state, self.lora_request = {}, None
+        self.weight_sync.reset(self)
+        self.lora_request = None
         self.reset_prefix_cache()
 
     def _prepare(self, module: Any) -> Any:
         llm = self.engine(module)
-        for fn in self._before_generate:
-            fn(self, module)
+        self.weight_sync(self, module)
         return llm
 
     # -- the rollout protocol ---------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ class VLLMRollout:
         tokenizer = module.tokenizer
         enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
         g = params.num_generations
-        eos_ids = _eos_ids(module.model, tokenizer)
+        eos_ids = eos_token_ids(module.model, tokenizer)
         sampling = VSamplingParams(
             n=g,
             temperature=params.temperature,
@@ -291,16 +293,16 @@ class VLLMRollout:
             logprobs=0,  # the sampled token's log-prob only
             stop_token_ids=eos_ids,
             detokenize=False,  # we decode with the policy's tokenizer, as HFRollout does
-            seed=_request_seed(params, self.seed_from_torch),
+            seed=request_seed(params, self.seed_from_torch),
         )
-        requests = [{"prompt_token_ids": ids} for ids in _unpad_left(enc["input_ids"], enc["attention_mask"])]
+        requests = [{"prompt_token_ids": ids} for ids in unpad_left(enc["input_ids"], enc["attention_mask"])]
         outputs = llm.generate(requests, sampling, lora_request=self.lora_request, use_tqdm=False)
         samples = []
         for out in outputs:
             for comp in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(comp.token_ids)
                 samples.append((ids, [step[tok].logprob for step, tok in zip(comp.logprobs, ids, strict=True)]))
-        return _build_rollout(tokenizer, enc, g, samples, eos_ids)
+        return build_rollout(tokenizer, enc, g, samples, eos_ids)
 
     @torch.no_grad()
     def completion_log_probs(
@@ -315,13 +317,13 @@ class VLLMRollout:
         """vLLM's log-probs (temperature 1, no top-k/top-p) of given completions: (N, C), 0 where masked.
 
         The counterpart of ``PolicyModule.completion_log_probs`` at temperature 1, from the engine's weights;
-        ``sync=False`` skips the before-generate hooks (scores whatever the engine holds now).
+        ``sync=False`` skips the weight sync (scores whatever the engine holds now).
         """
         from vllm import SamplingParams as VSamplingParams
 
         llm = self._prepare(module) if sync else self.engine(module)
-        prompts = _unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
-        completions = _unpad_left(completion_ids.cpu(), completion_mask.cpu())  # right padding: same unpad
+        prompts = unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
+        completions = unpad_left(completion_ids.cpu(), completion_mask.cpu())  # right padding: same unpad
         requests = [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions, strict=True)]
         score = VSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
         if self.enable_lora:
@@ -337,7 +339,7 @@ class VLLMRollout:
             out[i, : len(c)] = torch.tensor([step[tok].logprob for step, tok in zip(steps, c, strict=True)])
         return out
 
-    # -- engine operations used by VLLMWeightSync --------------------------------------------------------------
+    # -- engine operations used by WeightSync ------------------------------------------------------------------
 
     def packed_modules_mapping(self) -> dict[str, list[str]]:
         """vLLM's fused layers, e.g. ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``."""

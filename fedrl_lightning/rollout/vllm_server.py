@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,21 @@ import torch
 from torch import Tensor
 
 from fedrl_lightning.rollout import Rollout, SamplingParams
-from fedrl_lightning.rollout.hf import _eos_ids, encode_prompts
-from fedrl_lightning.rollout.vllm import Batches, _build_rollout, _request_seed, _unpad_left
+from fedrl_lightning.rollout.hf import encode_prompts, eos_token_ids
+from fedrl_lightning.rollout.vllm import build_rollout, request_seed, unpad_left
+from fedrl_lightning.rollout.vllm_sync import Batches, SyncMethod, WeightSync
 
 
 class VLLMServerRollout:
     """Rollouts from a running vLLM OpenAI-compatible server (see the module docstring for how to start it).
 
     Generation goes through ``/v1/completions`` with token-id prompts, ``n = num_generations``, ``logprobs=0``
-    and ``return_token_ids``. Weight sync (``VLLMWeightSync``): ``adapter`` through ``/v1/load_lora_adapter``
-    (server started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); ``merge`` by writing the
-    changed merged tensors as safetensors into ``exchange_dir`` and asking the server to reload them
-    (``/collective_rpc`` ``reload_weights``, then ``/reset_prefix_cache``; server started with
-    ``VLLM_SERVER_DEV_MODE=1``). vLLM's NCCL/IPC weight-transfer endpoints need CUDA and are not used.
+    and ``return_token_ids``. Before each request ``weight_sync`` pushes the policy if it changed since the last push
+    (``rollout/vllm_sync.py``): ``adapter`` through ``/v1/load_lora_adapter`` (server started with
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``); ``merge`` by writing the changed merged tensors
+    as safetensors into ``exchange_dir`` and asking the server to reload them (``/collective_rpc``
+    ``reload_weights``, then ``/reset_prefix_cache``; server started with ``VLLM_SERVER_DEV_MODE=1``). vLLM's
+    NCCL/IPC weight-transfer endpoints need CUDA and are not used.
 
     Args:
         base_url: e.g. ``http://localhost:8000``.
@@ -50,6 +51,10 @@ class VLLMServerRollout:
             None = a fresh temporary directory (same machine).
         timeout: seconds per HTTP request.
         seed_from_torch: per-call sampling seed from torch's RNG.
+        sync_method: ``adapter`` (LoRA requests; the server needs ``--enable-lora``) or ``merge`` (merged base
+            weights; the server needs ``VLLM_SERVER_DEV_MODE=1``).
+        sync_batch_mb: merge method: megabytes of tensors per reload request.
+        max_loras: adapter versions kept registered (at most the server's ``--max-loras``).
     """
 
     def __init__(
@@ -60,21 +65,20 @@ class VLLMServerRollout:
         exchange_dir: str | None = None,
         timeout: float = 600.0,
         seed_from_torch: bool = True,
+        sync_method: SyncMethod = "adapter",
+        sync_batch_mb: float = 256.0,
+        max_loras: int = 4,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model, self.max_prompt_length, self.timeout = model, max_prompt_length, timeout
         self.seed_from_torch = seed_from_torch
         self.exchange_dir = Path(exchange_dir or tempfile.mkdtemp(prefix="fedrl-vllm-exchange-"))
         self.lora_request: str | None = None
-        self.merged_state: dict[str, tuple[Tensor, Tensor]] = {}
-        self.enable_lora = True  # the server decides; a refusal surfaces as an HTTP error
-        self.max_lora_rank: int | None = None
-        self._before_generate: list[Callable[[Any, Any], None]] = []
+        self.max_lora_rank: int | None = None  # the server decides; a refusal surfaces as an HTTP error
+        self.weight_sync = WeightSync(
+            sync_method, batch_mb=sync_batch_mb, max_adapters=max_loras, adapter_dir=self.exchange_dir / "adapters"
+        )
         self._push_count = 0
-
-    def add_before_generate(self, fn: Callable[[Any, Any], None]) -> None:
-        if fn not in self._before_generate:
-            self._before_generate.append(fn)
 
     # -- HTTP -------------------------------------------------------------------------------------------------
 
@@ -110,8 +114,7 @@ class VLLMServerRollout:
 
     def _prepare(self, module: Any) -> None:
         self.served_model()
-        for fn in self._before_generate:
-            fn(self, module)
+        self.weight_sync(self, module)
 
     # -- the rollout protocol ---------------------------------------------------------------------------------
 
@@ -120,10 +123,10 @@ class VLLMServerRollout:
         tokenizer = module.tokenizer
         enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
         g = params.num_generations
-        eos_ids = _eos_ids(module.model, tokenizer)
+        eos_ids = eos_token_ids(module.model, tokenizer)
         body: dict[str, Any] = dict(
             model=self.lora_request or self.model,
-            prompt=_unpad_left(enc["input_ids"], enc["attention_mask"]),
+            prompt=unpad_left(enc["input_ids"], enc["attention_mask"]),
             n=g,
             max_tokens=params.max_completion_length,
             min_tokens=params.min_tokens,
@@ -134,12 +137,12 @@ class VLLMServerRollout:
             stop_token_ids=eos_ids,
             return_token_ids=True,
         )
-        seed = _request_seed(params, self.seed_from_torch)
+        seed = request_seed(params, self.seed_from_torch)
         if seed is not None:
             body["seed"] = seed
         choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
         samples = [(list(c["token_ids"]), list(c["logprobs"]["token_logprobs"])) for c in choices]
-        return _build_rollout(tokenizer, enc, g, samples, eos_ids)
+        return build_rollout(tokenizer, enc, g, samples, eos_ids)
 
     @torch.no_grad()
     def completion_log_probs(
@@ -156,8 +159,8 @@ class VLLMServerRollout:
             self._prepare(module)
         else:
             self.served_model()
-        prompts = _unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
-        completions = _unpad_left(completion_ids.cpu(), completion_mask.cpu())
+        prompts = unpad_left(prompt_ids.cpu(), prompt_mask.cpu())
+        completions = unpad_left(completion_ids.cpu(), completion_mask.cpu())
         choices = []
         for p, c in zip(prompts, completions, strict=True):  # one per request: see VLLMRollout.completion_log_probs
             body = dict(
@@ -175,7 +178,7 @@ class VLLMServerRollout:
             out[i, : len(c)] = torch.tensor([step[str(tok)]["logprob"] for step, tok in zip(steps, c, strict=True)])
         return out
 
-    # -- engine operations used by VLLMWeightSync --------------------------------------------------------------
+    # -- engine operations used by WeightSync ------------------------------------------------------------------
 
     def packed_modules_mapping(self) -> dict[str, list[str]] | None:
         """Unknown over HTTP: the sync then pushes every sibling projection of a touched attention/MLP block."""
@@ -213,6 +216,8 @@ class VLLMServerRollout:
         self._request("/v1/unload_lora_adapter", {"lora_name": handle})
 
     def close(self) -> None:
+        """Unregister this run's adapter versions (when the server still answers) and delete the exchange files."""
+        self.weight_sync.reset(self if self.health() else None)
         shutil.rmtree(self.exchange_dir, ignore_errors=True)
 
 

@@ -54,9 +54,8 @@ import sys
 import threading
 
 from fedrl_lightning.sandbox.runner import (
-    _DEFAULT_FILE_BYTES,
-    _DEFAULT_PROCESSES,
-    _MODES,
+    DEFAULT_FILE_BYTES,
+    DEFAULT_PROCESSES,
     NAMESPACE,
     RLIMIT,
     SANDBOX_GID,
@@ -64,7 +63,7 @@ from fedrl_lightning.sandbox.runner import (
     SETUID,
     SandboxError,
     SandboxResult,
-    _run_with_retry,
+    run_with_retry,
 )
 
 __all__ = [
@@ -80,6 +79,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_MODES = (NAMESPACE, SETUID, RLIMIT)  # strongest first: the order isolation_mode() tries them in
 
 
 def _python_candidates() -> list[str]:
@@ -127,7 +128,7 @@ def _interpreter_for(mode: str) -> str | None:
             if mode == RLIMIT or os.geteuid() == 0:
                 for python in _python_candidates():
                     try:
-                        result = _run_with_retry(_PROBES[mode], "", 10.0, 256, None, 4096, mode, python)
+                        result = run_with_retry(_PROBES[mode], "", 10.0, 256, None, 4096, mode, python)
                     except SandboxError as exc:
                         log.debug("sandbox mode %s with %s unavailable: %s", mode, python, exc)
                         continue
@@ -172,8 +173,8 @@ def run_sandboxed(
     cpu_s: int | None = None,
     max_output_bytes: int = 65536,
     *,
-    max_file_bytes: int = _DEFAULT_FILE_BYTES,
-    max_processes: int = _DEFAULT_PROCESSES,
+    max_file_bytes: int = DEFAULT_FILE_BYTES,
+    max_processes: int = DEFAULT_PROCESSES,
     isolation: str | None = None,
 ) -> SandboxResult:
     """Runs a Python program in a sandbox (see the module docstring) and returns what it did.
@@ -206,4 +207,4 @@ def run_sandboxed(
     if python is None:
         raise SandboxError(f"isolation {mode!r} is not available on this machine")
     limits = {"cpu_s": cpu_s, "max_file_bytes": max_file_bytes, "max_processes": max_processes}
-    return _run_with_retry(code, stdin, timeout_s, memory_mb, limits, max_output_bytes, mode, python)
+    return run_with_retry(code, stdin, timeout_s, memory_mb, limits, max_output_bytes, mode, python)

@@ -1,6 +1,6 @@
 """The audit-hook guard of the fallback isolation modes (``setuid`` and ``rlimit``, see :mod:`fedrl_lightning.sandbox`).
 
-``_sandbox_guard`` is never called in this process: :func:`_guarded_runner_source` ships its source
+``_sandbox_guard`` is never called in this process: :func:`guarded_runner_source` ships its source
 (``inspect.getsource``) to the sandboxed ``python -I -S -c`` process, which installs the hook and then runs the
 program. It must therefore stay self-contained: stdlib imports inside, no module globals.
 
@@ -169,7 +169,7 @@ exec(compile(_sandbox_source, {script!r}, "exec", dont_inherit=True), globals())
 
 
 @functools.cache
-def _guarded_runner_source(block_fork: bool, script: str) -> str:
+def guarded_runner_source(block_fork: bool, script: str) -> str:
     """The program that ``python -I -S -c`` runs in the fallback modes: install the guard, then run ``script``."""
     guard = textwrap.dedent(inspect.getsource(_sandbox_guard))
     return f"{guard}\n_sandbox_guard({block_fork!r})\ndel _sandbox_guard\n{_RUNNER.format(script=script)}"

@@ -1,6 +1,6 @@
 """The launcher process of a sandboxed run (see :mod:`fedrl_lightning.sandbox`).
 
-``_launcher_main`` is never called in this process: :func:`_launcher_source` ships its source (``inspect.getsource``)
+``_launcher_main`` is never called in this process: :func:`launcher_source` ships its source (``inspect.getsource``)
 to a ``python -I -S -c`` process, single-threaded, so no ``preexec_fn`` is needed in a possibly multi-threaded
 trainer. It must therefore stay self-contained: stdlib imports inside, no module globals.
 """
@@ -261,6 +261,6 @@ def _launcher_main(config_hex):  # pragma: no cover - runs in the launcher proce
 
 
 @functools.cache
-def _launcher_source() -> str:
+def launcher_source() -> str:
     """The program that ``python -I -S -c`` runs as the launcher; its one argument is the hex-encoded config."""
     return textwrap.dedent(inspect.getsource(_launcher_main)) + "\nimport sys\n_launcher_main(sys.argv[1])\n"

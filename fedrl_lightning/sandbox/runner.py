@@ -1,6 +1,6 @@
 """The host side of one sandboxed run: working directory, resource limits, the launcher process, its pipes, cleanup.
 
-:func:`_run_with_retry` writes the program to a fresh working directory, starts the launcher
+:func:`run_with_retry` writes the program to a fresh working directory, starts the launcher
 (:mod:`fedrl_lightning.sandbox.launcher`) with the limits and the isolation mode, feeds stdin, collects stdout,
 stderr and the launcher's status line within the wall-clock timeout, kills what is left and deletes the directory.
 """
@@ -22,19 +22,20 @@ import time
 import uuid
 from typing import Any
 
-from fedrl_lightning.sandbox.guard import _guarded_runner_source
-from fedrl_lightning.sandbox.launcher import _launcher_source
+from fedrl_lightning.sandbox.guard import guarded_runner_source
+from fedrl_lightning.sandbox.launcher import launcher_source
 
 NAMESPACE, SETUID, RLIMIT = "namespace", "setuid", "rlimit"
-_MODES = (NAMESPACE, SETUID, RLIMIT)
 SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
 _SCRIPT = "solution.py"
 _ENV_MARKER = "FEDRL_SANDBOX_ID"
 _TMPFS_BYTES = 64 * 1024 * 1024  # size of the working directory in namespace mode
 _TMPFS_INODES = 4096
 _MAX_OPEN_FILES = 64
-_DEFAULT_FILE_BYTES = 16 * 1024 * 1024
-_DEFAULT_PROCESSES = 32
+DEFAULT_FILE_BYTES = 16 * 1024 * 1024
+"""Default ``max_file_bytes``: the largest file a sandboxed program may write (``RLIMIT_FSIZE``)."""
+DEFAULT_PROCESSES = 32
+"""Default ``max_processes``: the sandbox user's process limit (``RLIMIT_NPROC``)."""
 _TERMINATE_GRACE_S = 2.0  # how long the launcher gets to kill the sandbox before it is killed itself
 
 
@@ -43,7 +44,7 @@ class SandboxError(RuntimeError):
 
 
 class _ProcessLimitBusy(SandboxError):
-    """The sandbox user is at its process limit (a concurrent fork bomb); retried by :func:`_run_with_retry`."""
+    """The sandbox user is at its process limit (a concurrent fork bomb); retried by :func:`run_with_retry`."""
 
 
 @dataclasses.dataclass
@@ -66,7 +67,7 @@ class SandboxResult:
     killed_reason: str | None = None
 
 
-def _run_with_retry(
+def run_with_retry(
     code: str,
     stdin: str,
     timeout_s: float,
@@ -99,8 +100,8 @@ def _run_with_retry(
     rlimits = {
         "RLIMIT_AS": (int(memory_mb) << 20,) * 2,
         "RLIMIT_CPU": (cpu_s, cpu_s + 1),
-        "RLIMIT_NPROC": (limits.get("max_processes", _DEFAULT_PROCESSES),) * 2,
-        "RLIMIT_FSIZE": (limits.get("max_file_bytes", _DEFAULT_FILE_BYTES),) * 2,
+        "RLIMIT_NPROC": (limits.get("max_processes", DEFAULT_PROCESSES),) * 2,
+        "RLIMIT_FSIZE": (limits.get("max_file_bytes", DEFAULT_FILE_BYTES),) * 2,
         "RLIMIT_NOFILE": (_MAX_OPEN_FILES,) * 2,
         "RLIMIT_CORE": (0, 0),
         "RLIMIT_MEMLOCK": (0, 0),
@@ -118,7 +119,7 @@ def _run_with_retry(
             argv = [python, "-I", "-S", _SCRIPT]
         else:
             block_fork = mode == RLIMIT and os.geteuid() == 0  # RLIMIT_NPROC does not bind root
-            argv = [python, "-I", "-S", "-c", _guarded_runner_source(block_fork, _SCRIPT), _SCRIPT]
+            argv = [python, "-I", "-S", "-c", guarded_runner_source(block_fork, _SCRIPT), _SCRIPT]
         config = {
             "mode": mode,
             "workdir": workdir,
@@ -157,7 +158,7 @@ def _run_once(config: dict[str, Any], stdin: bytes, timeout_s: float, max_output
     }
     status_r, status_w = os.pipe()
     config_hex = marshal.dumps({**config, "status_fd": status_w}).hex()
-    launcher = [sys.executable, "-I", "-S", "-c", _launcher_source(), config_hex]
+    launcher = [sys.executable, "-I", "-S", "-c", launcher_source(), config_hex]
     try:
         proc = subprocess.Popen(
             launcher,

@@ -1,25 +1,25 @@
-"""Keep a vLLM engine's copy of the policy equal to the trainer's, pushing only when (and what) it changed.
+"""Keep a vLLM engine's copy of the policy equal to the live policy, pushing only when (and what) it changed.
 
-When: lazily. The trainer hooks mark the engine stale (``on_local_step_end`` after optimizer steps,
-``on_after_aggregate`` after a new global adapter, ``on_client_start`` before the next client's adapter is swapped
-in); the push happens right before the next generation, through the backend's ``before_generate`` hook, so several
-changes between two generations cost one push and nothing is pushed that is never sampled from. The check before
-a push also compares the live adapter with what the engine holds, so an adapter swap no hook reports (the
-trainer's evaluation loads each client's adapter in turn) is caught, and an unchanged adapter is never re-pushed.
+The vLLM backends (``VLLMRollout``, ``VLLMServerRollout``) own one ``WeightSync`` and call it right before every
+generation or scoring call. It compares the live adapter with what the engine holds, so no trainer hook has to
+report changes: optimizer steps, a new global adapter, a client swap or evaluation's adapter swaps are all seen
+the same way, several changes between two generations cost one push, and an unchanged adapter is never re-pushed.
+When nothing changed the check is one equality pass over the adapter tensors (no copies, no engine calls).
 
-How, two methods:
+Two methods:
 
-* ``adapter`` (default): the adapter is saved to a temporary directory and registered as a fresh ``LoRARequest``
-  per version; the engine keeps its base weights and serves every client's adapter (up to ``max_adapters``
-  versions stay registered, least recently used dropped first), so switching back to an adapter the engine already
-  has costs nothing. Needs ``VLLMRollout(enable_lora=True)``.
+* ``adapter``: the adapter is saved to a directory and registered as a fresh ``LoRARequest`` per version; the
+  engine keeps its base weights and serves every client's adapter (up to ``max_adapters`` versions stay registered,
+  least recently used dropped first), so switching back to an adapter the engine already has costs nothing. Needs
+  a LoRA-enabled engine.
 * ``merge``: per adapted module ``W + scale * B @ A`` is computed from the live weights (the training model is not
-  mutated: no ``merge_adapter``), only modules whose adapter changed since the last push are sent (with the other
-  shards of the fused vLLM layer they belong to, e.g. ``q/k/v -> qkv_proj``), in batches of ``batch_mb``, then
-  the prefix cache is reset. Generation then needs no LoRA kernels.
+  mutated: no ``merge_adapter``); only modules whose adapter changed since the last push are sent (with the other
+  shards of the fused vLLM layer they belong to, e.g. ``q/k/v -> qkv_proj``), in batches of ``batch_mb``, then the
+  prefix cache is reset. Generation then needs no LoRA kernels.
 
-Metrics: ``sync/count``, ``sync/seconds``, ``sync/bytes`` since the previous evaluation are added to the evaluation
-metrics (so they land in the round's logged row); ``metrics()`` gives the totals.
+Metrics, per call: ``sync/count`` (1 for a push, else 0: a switch to a registered adapter is not a push),
+``sync/seconds`` (check + push) and ``sync/bytes`` go to the module's ``tracker``, so they land in the client's
+per-step metrics as means per generation; ``totals`` sums them since construction.
 """
 
 from __future__ import annotations
@@ -29,19 +29,37 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from fedrl_lightning.callbacks import Callback
-
 log = logging.getLogger(__name__)
 
+SyncMethod = Literal["adapter", "merge"]
+Batches = Iterable[list[tuple[str, Tensor]]]
 _PEFT_PREFIX = "base_model.model."
+
+
+class EngineOps(Protocol):
+    """The engine operations a ``WeightSync`` uses; every vLLM backend implements them."""
+
+    lora_request: Any
+
+    def packed_modules_mapping(self) -> dict[str, list[str]] | None: ...
+
+    def push_weights(self, batches: Batches) -> None: ...
+
+    def reset_prefix_cache(self) -> None: ...
+
+    def load_adapter(self, name: str, int_id: int, path: str) -> Any: ...
+
+    def use_adapter(self, handle: Any) -> None: ...
+
+    def remove_adapter(self, handle: Any) -> None: ...
 
 
 @dataclass
@@ -66,139 +84,109 @@ def _lora_layers(peft_model: Any) -> tuple[str, dict[str, Any]]:
     return adapter, layers
 
 
-class VLLMWeightSync(Callback):
-    """Pushes the policy into a vLLM backend before a generation whenever it changed since the last push.
+class WeightSync:
+    """What a vLLM engine holds of the policy, and the push that brings it up to date.
 
     Args:
         method: ``adapter`` (LoRA requests, one engine serves every client) or ``merge`` (merged base weights).
         batch_mb: merge method: megabytes of tensors per engine call (bounds the extra memory of a push).
-        max_adapters: adapter method: adapter versions kept registered; None = the backend's ``max_loras`` (4).
-        check_changes: before each generation, also compare the live adapter with the engine's (catches swaps no
-            hook reports; costs one pass over the adapter tensors). False = trust the hooks only.
-        adapter_dir: where adapter versions are written (the server must see it in server mode); None = a
-            temporary directory removed at exit.
+        max_adapters: adapter method: adapter versions kept registered in the engine.
+        adapter_dir: where adapter versions are written (a server must see it); None = a temporary directory
+            removed when this object is.
     """
 
     def __init__(
         self,
-        method: Literal["adapter", "merge"] = "adapter",
+        method: SyncMethod = "adapter",
         batch_mb: float = 256.0,
-        max_adapters: int | None = None,
-        check_changes: bool = True,
-        adapter_dir: str | None = None,
+        max_adapters: int = 4,
+        adapter_dir: str | Path | None = None,
     ) -> None:
-        if method not in ("adapter", "merge"):
-            raise ValueError(f"method must be 'adapter' or 'merge', got {method!r}")
         if batch_mb <= 0:
-            raise ValueError(f"batch_mb must be > 0, got {batch_mb}")
-        self.method, self.batch_bytes, self.max_adapters = method, int(batch_mb * 2**20), max_adapters
-        self.check_changes = check_changes
+            raise ValueError(f"sync batch_mb must be > 0, got {batch_mb}")
+        if max_adapters < 1:
+            raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
+        self.method = method
+        self.batch_bytes, self.max_adapters = int(batch_mb * 2**20), max_adapters
         self._adapter_dir = Path(adapter_dir) if adapter_dir else None
         self._owns_dir = adapter_dir is None
-        self.backend: Any = None
-        self.dirty = True
+        self.merged: dict[str, tuple[Tensor, Tensor]] = {}
+        """Per adapted module (PEFT name): the (A, B) merged into the engine's weights by the merge method."""
         self._versions: list[_AdapterVersion] = []
         self._next_id = 1
         self.totals = {"sync/count": 0.0, "sync/seconds": 0.0, "sync/bytes": 0.0}
-        self._interval = dict(self.totals)
         self.last: dict[str, float] = {}
 
-    # -- wiring -----------------------------------------------------------------------------------------------
+    @property
+    def method(self) -> SyncMethod:
+        return self._method
 
-    def attach(self, backend: Any) -> VLLMWeightSync:
-        """Sync into ``backend`` (a ``VLLMRollout`` or ``VLLMServerRollout``) before each of its generations."""
-        if not hasattr(backend, "add_before_generate"):
-            raise TypeError(f"VLLMWeightSync needs a vLLM rollout backend, got {type(backend).__name__}")
-        if self.backend is not None and self.backend is not backend:
-            raise RuntimeError("this VLLMWeightSync is already attached to another backend")
-        self.backend = backend
-        backend.add_before_generate(self.maybe_sync)
-        self.dirty = True
-        return self
-
-    def mark_dirty(self) -> None:
-        self.dirty = True
-
-    # -- trainer hooks ----------------------------------------------------------------------------------------
-
-    def on_fit_start(self, trainer: Any, module: Any) -> None:
-        self.attach(trainer.rollout)
-
-    def on_client_start(self, trainer: Any, round_idx: int, client_id: int, module: Any) -> None:
-        self.dirty = True  # the trainer swaps this client's adapter in right after this hook
-
-    def on_local_step_end(self, trainer: Any, round_idx: int, client_id: int, module: Any, step: int) -> None:
-        self.dirty = True
-
-    def on_after_aggregate(self, trainer: Any, round_idx: int, global_state: dict[str, Any]) -> None:
-        self.dirty = True
-
-    def on_evaluate_end(self, trainer: Any, round_idx: int, metrics: dict[str, float]) -> None:
-        metrics.update(self._interval)
-        self._interval = dict.fromkeys(self._interval, 0.0)
+    @method.setter
+    def method(self, value: SyncMethod) -> None:
+        # Settable: switching methods on a live engine is handled (the merge method's weights are restored first).
+        if value not in ("adapter", "merge"):
+            raise ValueError(f"sync method must be 'adapter' or 'merge', got {value!r}")
+        self._method = value
 
     def metrics(self) -> dict[str, float]:
-        """Totals since construction: number of pushes, their seconds and bytes."""
+        """Totals since construction: pushes, seconds spent checking and pushing, bytes pushed."""
         return dict(self.totals)
 
     # -- the sync ---------------------------------------------------------------------------------------------
 
-    def maybe_sync(self, backend: Any, module: Any) -> bool:
-        """Push the policy into ``backend`` if it differs from what the engine holds; True when tensors moved.
+    def __call__(self, engine: EngineOps, module: Any) -> bool:
+        """Push the policy into ``engine`` if it differs from what the engine holds; True when tensors moved.
 
-        Selecting an adapter version the engine already has is a switch, not a push: it is not counted.
+        Records ``sync/*`` in the module's ``tracker`` (when it has one) on every call, pushes or not.
         """
-        if not self.dirty and not self.check_changes:
-            return False
         start = time.perf_counter()
         policy = _unwrap(module)
         with torch.no_grad():
             if self.method == "merge":
-                moved = self._sync_merge(backend, policy)
+                moved = self._sync_merge(engine, policy)
             else:
-                moved = self._sync_adapter(backend, policy)
-        self.dirty = False
-        if moved is None:
-            return False
+                moved = self._sync_adapter(engine, policy)
         seconds = time.perf_counter() - start
-        self.last = {"sync/seconds": seconds, "sync/bytes": float(moved)}
-        for bucket in (self.totals, self._interval):
-            bucket["sync/count"] += 1
-            bucket["sync/seconds"] += seconds
-            bucket["sync/bytes"] += moved
-        log.debug("vLLM %s sync: %.1f MB in %.3f s", self.method, moved / 2**20, seconds)
-        return True
+        self.last = {"sync/count": float(moved is not None), "sync/seconds": seconds, "sync/bytes": float(moved or 0)}
+        for name, value in self.last.items():
+            self.totals[name] += value
+        tracker = getattr(policy, "tracker", None)
+        if tracker is not None:
+            for name, value in self.last.items():
+                tracker.update(name, value)
+        if moved is not None:
+            log.debug("vLLM %s sync: %.1f MB in %.3f s", self.method, moved / 2**20, seconds)
+        return moved is not None
 
     # merge: changed modules -> fused-layer units -> batches of merged tensors
 
-    def _sync_merge(self, backend: Any, policy: Any) -> int | None:
+    def _sync_merge(self, engine: EngineOps, policy: Any) -> int | None:
         adapter, layers = _lora_layers(policy.model)
         for name, layer in layers.items():
             if getattr(layer, "use_dora", {}).get(adapter, False):
-                raise NotImplementedError(f"merge sync does not support DoRA ({name}); use method='adapter'")
-        changed = [n for n, layer in layers.items() if self._delta_differs(backend, n, layer, adapter)]
-        if getattr(backend, "lora_request", None) is not None:
-            backend.use_adapter(None)  # generate from the (merged) base weights
+                raise NotImplementedError(f"merge sync does not support DoRA ({name}); use sync method 'adapter'")
+        changed = [n for n, layer in layers.items() if self._delta_differs(n, layer, adapter)]
+        if engine.lora_request is not None:
+            engine.use_adapter(None)  # generate from the (merged) base weights
         if not changed:
             return None
-        moved = self._push_modules(backend, policy, changed, merge=True)
-        backend.reset_prefix_cache()
+        moved = self._push_modules(engine, policy, changed, merge=True)
+        engine.reset_prefix_cache()
         return moved
 
-    @staticmethod
-    def _delta_differs(backend: Any, name: str, layer: Any, adapter: str) -> bool:
+    def _delta_differs(self, name: str, layer: Any, adapter: str) -> bool:
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        held = backend.merged_state.get(name)
+        held = self.merged.get(name)
         if held is None:  # the engine holds the base weight: only a non-zero delta differs
             return bool(b.any() and a.any())
         return not (torch.equal(held[0], a) and torch.equal(held[1], b))
 
-    def _push_modules(self, backend: Any, policy: Any, names: list[str], merge: bool) -> int:
+    def _push_modules(self, engine: EngineOps, policy: Any, names: list[str], merge: bool) -> int:
         """Push the fused-layer units containing ``names``: merged weights if ``merge``, else the base weights."""
         peft_model = policy.model
         modules = dict(peft_model.named_modules())
         adapter, layers = _lora_layers(peft_model)
-        units = _fused_units(names, modules, backend.packed_modules_mapping())
+        units = _fused_units(names, modules, engine.packed_modules_mapping())
         pushed = {"bytes": 0}
 
         def unit_tensors(unit: list[str]) -> list[tuple[str, Tensor]]:
@@ -232,51 +220,50 @@ class VLLMWeightSync(Callback):
             if batch:
                 yield batch
 
-        backend.push_weights(batches())
+        engine.push_weights(batches())
         for unit in units:
             for mod_name in unit:
                 if mod_name not in layers:
                     continue
                 if merge:
                     layer = layers[mod_name]
-                    backend.merged_state[mod_name] = (
+                    self.merged[mod_name] = (
                         layer.lora_A[adapter].weight.detach().clone(),
                         layer.lora_B[adapter].weight.detach().clone(),
                     )
                 else:
-                    backend.merged_state.pop(mod_name, None)
+                    self.merged.pop(mod_name, None)
         return pushed["bytes"]
 
     # adapter: one LoRARequest per adapter version
 
-    def _sync_adapter(self, backend: Any, policy: Any) -> int | None:
-        if not getattr(backend, "enable_lora", False):
-            raise RuntimeError("method='adapter' needs a LoRA-enabled engine: VLLMRollout(enable_lora=True)")
+    def _sync_adapter(self, engine: EngineOps, policy: Any) -> int | None:
         rank = getattr(getattr(policy.model, "peft_config", {}).get("default", None), "r", None)
-        max_rank = getattr(backend, "max_lora_rank", None)
+        max_rank = getattr(engine, "max_lora_rank", None)
         if rank is not None and max_rank is not None and rank > max_rank:
             raise ValueError(f"the policy's lora_r={rank} exceeds the engine's max_lora_rank={max_rank}")
         live = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
         moved = 0
-        if backend.merged_state:  # a merge sync left merged weights: give the adapter its base back
-            moved += self._push_modules(backend, policy, list(backend.merged_state), merge=False)
-            backend.reset_prefix_cache()
-        for i, version in enumerate(self._versions):
+        if self.merged:  # the merge method left merged weights: give the adapter its base back
+            moved += self._push_modules(engine, policy, list(self.merged), merge=False)
+            engine.reset_prefix_cache()
+        # Newest first: between two generations the adapter usually is the one just used or a new one.
+        for i in reversed(range(len(self._versions))):
+            version = self._versions[i]
             if version.state.keys() == live.keys() and all(torch.equal(version.state[k], v) for k, v in live.items()):
                 self._versions.append(self._versions.pop(i))  # most recently used last
-                backend.use_adapter(version.handle)  # a registered version: a switch, not a push
+                engine.use_adapter(version.handle)  # a registered version: a switch, not a push
                 return moved or None
         version_id = self._next_id
         self._next_id += 1
         path = self._root() / f"v{version_id}"
         policy.save_adapter(path)
-        handle = backend.load_adapter(f"fedrl-v{version_id}", version_id, str(path))
-        backend.use_adapter(handle)
+        handle = engine.load_adapter(f"fedrl-v{version_id}", version_id, str(path))
+        engine.use_adapter(handle)
         self._versions.append(_AdapterVersion({k: v.detach().clone() for k, v in live.items()}, handle, path))
-        limit = self.max_adapters or getattr(backend, "max_loras", None) or 4
-        while len(self._versions) > limit:
+        while len(self._versions) > self.max_adapters:
             old = self._versions.pop(0)
-            backend.remove_adapter(old.handle)
+            engine.remove_adapter(old.handle)
             shutil.rmtree(old.path, ignore_errors=True)
         return moved + sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -287,16 +274,17 @@ class VLLMWeightSync(Callback):
         self._adapter_dir.mkdir(parents=True, exist_ok=True)
         return self._adapter_dir
 
-    def close(self) -> None:
-        """Unregister every adapter version and delete their files."""
+    def reset(self, engine: EngineOps | None = None) -> None:
+        """Forget what the engine holds: unregister every adapter version from ``engine`` (None = the engine is
+        gone) and delete their files. Call it when the engine is reloaded or shut down."""
         for version in self._versions:
             try:
-                if self.backend is not None:
-                    self.backend.remove_adapter(version.handle)
+                if engine is not None:
+                    engine.remove_adapter(version.handle)
             except Exception as err:  # the engine may be gone already
                 log.debug("removing adapter %s: %s", version.path, err)
             shutil.rmtree(version.path, ignore_errors=True)
-        self._versions = []
+        self._versions, self.merged = [], {}
         if self._owns_dir and self._adapter_dir is not None:
             shutil.rmtree(self._adapter_dir, ignore_errors=True)
             self._adapter_dir = None
@@ -330,4 +318,4 @@ def _is_linear(module: Any) -> bool:
     return isinstance(base, torch.nn.Linear)
 
 
-__all__ = ["VLLMWeightSync"]
+__all__ = ["Batches", "EngineOps", "SyncMethod", "WeightSync"]
