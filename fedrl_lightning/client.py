@@ -243,7 +243,8 @@ class Client:
         """Client ``cid``'s round from ``down``: swap in, local steps, checks, ``uplink``, swap out.
 
         ``uplink`` (the transport's send, which may reject the update) runs before the client's state is stored, so
-        a round that fails anywhere leaves the stored state as it was.
+        a round that fails anywhere leaves the stored state as it was. Without a global adapter (local-only) the
+        update's tensors are views of the client's stored adapter, valid until its next round.
 
         Raises:
             ClientFault: the round timed out or the update is non-finite or too far from where it started.
@@ -288,6 +289,10 @@ class Client:
             update = uplink(update)
         client_extra["module"] = module.client_state()
         self._store(cid, sampler, client_extra, adapter if down.global_state is None else None)
+        if down.global_state is None:
+            # Local-only: the update is the stored adapter itself (views of the client's row, no second copy held
+            # until the round ends). It is valid until the client's next round rewrites the row: clone to keep it.
+            update.state = self.bank.read("adapter", cid)
         self.swap_seconds += (train_start - swap_start) + (time.perf_counter() - train_end)
         return update
 

@@ -111,6 +111,9 @@ class InProcessTransport:
         start = time.perf_counter()
         world = self.fabric.world_size
         states = {cid: self.bank.get(cid, clone=True) for cid in mine}
+        for result in results.values():  # a local-only update views its bank row: pickle the row, not the buffer
+            if isinstance(result, ClientUpdate):
+                result.state = {k: v.clone() for k, v in result.state.items()}
         rows = [row for row in self.comm.ledger() if row["round"] == r and row["client"] in states]
         gathered = ranks.all_gather_objects((results, states, rows), world)
         for other, (_, their_states, their_rows) in enumerate(gathered):

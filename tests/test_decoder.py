@@ -1,4 +1,8 @@
-"""The lean decode loop against HF: logits at every step, greedy tokens, sampling, filtering, weight refresh."""
+"""The lean decode loop against HF: logits at every step, greedy tokens, sampling, filtering, weight refresh; the
+kernels' checks and their fallback."""
+
+import os
+import time
 
 import pytest
 import torch
@@ -81,7 +85,7 @@ def _hf_logits(model, ids, mask, completion):
     return logits[:, ids.shape[1] - 1 : -1].float()
 
 
-needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no AVX2 CPU or no C++ compiler")
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no AVX2 CPU, C++ compiler or ninja")
 
 
 @pytest.mark.parametrize("kind, lora, repeat", [("llama", False, True), ("llama", True, False), ("qwen2", True, True)])
@@ -214,3 +218,62 @@ def test_kernel_glue_matches_torch():
     gate_up[0, :3] = torch.tensor([-200.0, 200.0, 0.0])
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+@needs_kernels
+def test_kernels_read_strided_inputs_and_refuse_strided_outputs():
+    torch.manual_seed(0)
+    weight, x = torch.randn(16, 20), torch.randn(20, 3).T  # a transposed view: read through a contiguous copy
+    torch.testing.assert_close(kernels.linear(x, kernels.pack(weight), 16), x @ weight.T, rtol=1e-5, atol=1e-5)
+    strided = torch.zeros(16, 3).T  # written in place, a copy would lose the result
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernels.linear(x, kernels.pack(weight), 16, residual=strided)
+    qkv, cos = torch.randn(2, 4, 8), torch.randn(2, 8)
+    cache = torch.zeros(2, 1, 5, 8)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        kernels.rope_cache(qkv.transpose(0, 1), cos, cos, cache, cache.clone(), 2, 0)
+    with pytest.raises(ValueError, match="rope_cache"):  # a position past the cache: refused, not written out of bounds
+        kernels.rope_cache(qkv, cos, cos, cache, cache.clone(), 2, 5)
+
+
+@pytest.mark.parametrize(
+    "env, value, reason",
+    [
+        ("FEDRL_DECODE_KERNELS", "0", "FEDRL_DECODE_KERNELS=0"),
+        pytest.param("CXX", "no-cxx", "no C++ compiler", marks=needs_kernels),  # else another reason comes first
+    ],
+)
+def test_fallback_is_warned_once_with_its_reason(monkeypatch, caplog, env, value, reason):
+    monkeypatch.setenv(env, value)
+    kernels.library.cache_clear()
+    try:
+        assert not kernels.available(torch.zeros(1)) and kernels.library() is None
+    finally:
+        kernels.library.cache_clear()  # the next test builds (or finds built) the real kernels again
+    warnings = [r for r in caplog.records if r.name == kernels.__name__]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING" and reason in warnings[0].getMessage()
+
+
+@needs_kernels
+def test_a_build_error_falls_back_naming_its_first_error(monkeypatch, caplog, tmp_path):
+    source = tmp_path / "kernels.cpp"
+    source.write_text("void f() {\n  not_declared();\n  also_not_declared();\n}\n")
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setenv("FEDRL_CACHE_DIR", str(tmp_path / "cache"))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == kernels.__name__]
+    assert "the build failed: kernels.cpp:2:" in warning and "not_declared" in warning
+    assert "also_not_declared" not in warning
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
+    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
+    fresh.touch(), stale.touch()
+    old = time.time() - kernels.STALE_LOCK_S - 1
+    os.utime(stale, (old, old))
+    kernels._clear_stale_lock(fresh), kernels._clear_stale_lock(stale), kernels._clear_stale_lock(tmp_path / "none")
+    assert fresh.exists() and not stale.exists()  # a build in progress keeps its lock

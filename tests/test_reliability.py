@@ -293,17 +293,20 @@ def test_a_client_failing_mid_round_keeps_its_state_from_before_the_round(tmp_pa
 
 
 class KeepUpdates(Callback):
-    """Keeps client 0's first update, and a copy of it to compare with later."""
+    """Keeps client 0's first update as it came, a clone of it, and a copy of its values to compare with later."""
 
     def __init__(self):
-        self.kept = self.copy = None
+        self.kept = self.cloned = self.copy = None
 
     def on_client_end(self, client_id, update):
         if client_id == 0 and self.kept is None:
-            self.kept, self.copy = update.state, {k: v.clone() for k, v in update.state.items()}
+            self.kept, self.cloned = update.state, {k: v.clone() for k, v in update.state.items()}
+            self.copy = {k: v.clone() for k, v in update.state.items()}
 
 
-def test_an_update_kept_past_its_round_is_not_rewritten_by_the_next_round(tmp_path):
+def test_a_local_only_update_is_the_stored_adapter_itself_until_the_next_round(tmp_path):
+    """No second copy of a local-only client's adapter is held until the round ends: the update views the client's
+    row of the bank, which its next round rewrites in place; a clone keeps it."""
     keep, blocks = KeepUpdates(), BlockAddresses()
     trainer = FederatedTrainer(
         num_rounds=2,
@@ -316,5 +319,8 @@ def test_an_update_kept_past_its_round_is_not_rewritten_by_the_next_round(tmp_pa
     )
     trainer.fit(make_module(), make_data(), ckpt_path=None)
     assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote the client's row in place
-    assert all(torch.equal(keep.kept[k], v) for k, v in keep.copy.items())
-    assert not all(torch.equal(trainer.client_states[0].adapter[k], v) for k, v in keep.copy.items())
+    stored = trainer.client_states[0].adapter
+    assert all(keep.kept[k].data_ptr() == stored[k].data_ptr() for k in stored)  # views, not a copy
+    assert all(torch.equal(keep.kept[k], v) for k, v in stored.items())  # so it now shows round 2's adapter
+    assert all(torch.equal(keep.cloned[k], v) for k, v in keep.copy.items())  # the clone kept round 1's
+    assert not all(torch.equal(stored[k], v) for k, v in keep.copy.items())  # and round 2 did train

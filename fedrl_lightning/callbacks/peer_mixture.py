@@ -167,6 +167,8 @@ class PeerMixtureReference(Callback):
         snapshot = update.state
         if trainer.aggregation is None and self.exchange == "snapshot_exchange":
             snapshot = trainer.comm.send_up(round_idx, client_id, snapshot)  # published to the peers
+        elif trainer.aggregation is None:  # the client's stored adapter (views): its next round rewrites it
+            snapshot = {k: v.clone() for k, v in snapshot.items()}
         if self.weighting != "uniform":
             trainer.comm.record(round_idx, client_id, "up", _FLOAT_BYTES)
         self._pending[client_id] = (snapshot, score)

@@ -1,19 +1,29 @@
-// CPU decode kernels of the lean decoder (fedrl_lightning/rollout/decoder.py), fp32, x86-64 AVX2 + FMA.
+// CPU decode kernels of the lean decoder (fedrl_lightning/rollout/decoder.py), fp32, x86-64 AVX2 + FMA, built by
+// torch.utils.cpp_extension.load (rollout/kernels.py). The kernels below take raw pointers; the functions bound to
+// Python at the end take tensors, check them and read their pointers.
 //
 // skinny_linear: y[M, N] (+)= x[M, K] @ W[N, K]^T + bias, for the few rows (M = sequences decoded together) of a
 // decode step. At such M a linear layer is bound by streaming W from memory once, so W is held as
 // panels P[ceil(N / 8)][K][8] (8 output columns per panel, k-major, zero-padded), each thread streams a contiguous
 // run of panels, and the stream is software-prefetched PREFETCH floats ahead (8 KB: measured best of 1-16 KB).
 // Each panel is read from memory once for all M rows (rows go through it 8 at a time, from cache).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <immintrin.h>
+#include <torch/csrc/utils/pybind.h>  // not torch/extension.h (the whole C++ frontend): a build in 40% of the time
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #ifndef PREFETCH
 #define PREFETCH 2048
 #endif
+
+namespace raw {
 
 template <int R>
 static inline void panel(const float* __restrict x, int64_t K, const float* __restrict p, float* __restrict y,
@@ -39,8 +49,8 @@ static inline void panel(const float* __restrict x, int64_t K, const float* __re
   for (int r = 0; r < R; ++r) std::memcpy(y + r * ldy, out[r], sizeof(float) * cols);
 }
 
-extern "C" void skinny_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N,
-                              const float* bias, float* y, int accumulate, int threads) {
+void skinny_linear(const float* x, int64_t M, int64_t K, const float* packed, int64_t N, const float* bias, float* y,
+                   int accumulate, int threads) {
   const int64_t panels = (N + 7) / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t j = 0; j < panels; ++j) {
@@ -65,7 +75,7 @@ extern "C" void skinny_linear(const float* x, int64_t M, int64_t K, const float*
 }
 
 // y[M, K] = x * rsqrt(mean(x^2) + eps) * w, row by row (HF's RMSNorm in fp32).
-extern "C" void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t K, float eps) {
+void rms_norm(const float* x, const float* w, float* y, int64_t M, int64_t K, float eps) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     double ss = 0;
@@ -78,8 +88,8 @@ extern "C" void rms_norm(const float* x, const float* w, float* y, int64_t M, in
 // One decode position of rotate-half RoPE and the KV-cache write, for qkv[B, (H + 2 KVH), D] as the fused
 // projection lays it out: q heads rotated in place, rotated k and plain v written to cache[B, KVH, T, D] at pos.
 // cos/sin are [B, D] with sin's first half negated: rope(x)[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i].
-extern "C" void rope_cache(float* qkv, const float* cos, const float* sin, float* kc, float* vc, int64_t B,
-                           int64_t H, int64_t KVH, int64_t D, int64_t T, int64_t pos) {
+void rope_cache(float* qkv, const float* cos, const float* sin, float* kc, float* vc, int64_t B, int64_t H,
+                int64_t KVH, int64_t D, int64_t T, int64_t pos) {
   const int64_t half = D / 2, width = (H + 2 * KVH) * D;
   float tmp[1024];
   for (int64_t b = 0; b < B; ++b) {
@@ -100,8 +110,8 @@ extern "C" void rope_cache(float* qkv, const float* cos, const float* sin, float
 // Attention of one new token per sequence over cache positions [0, L): out[B, H * D] from the (scaled, rotated)
 // q heads in qkv[B, (H + 2 KVH), D], caches [B, KVH, T, D], an additive key mask[B, T]; grouped-query heads share
 // their kv head.
-extern "C" void attend(const float* qkv, const float* kc, const float* vc, const float* mask, float* out,
-                       int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t T, int64_t L, int threads) {
+void attend(const float* qkv, const float* kc, const float* vc, const float* mask, float* out, int64_t B, int64_t H,
+            int64_t KVH, int64_t D, int64_t T, int64_t L, int threads) {
   const int64_t group = H / KVH, width = (H + 2 * KVH) * D;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t bh = 0; bh < B * H; ++bh) {
@@ -170,7 +180,7 @@ static inline __m256 exp256(__m256 x) {
 }
 
 // out[M, I] = silu(gu[:, :I]) * gu[:, I:] for the fused gate/up projection gu[M, 2I].
-extern "C" void silu_mul(const float* gu, float* out, int64_t M, int64_t I) {
+void silu_mul(const float* gu, float* out, int64_t M, int64_t I) {
   const __m256 one = _mm256_set1_ps(1.0f);
   for (int64_t m = 0; m < M; ++m) {
     const float* g = gu + m * 2 * I;
@@ -184,4 +194,108 @@ extern "C" void silu_mul(const float* gu, float* out, int64_t M, int64_t I) {
     }
     for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
+}
+
+}  // namespace raw
+
+// The functions bound to Python: each checks its tensors, reads their pointers and calls its kernel above.
+namespace {
+
+constexpr int64_t kMaxHeadDim = 1024;  // rope_cache's row buffer
+constexpr int64_t kMaxContext = 8192;  // attend's score buffer
+
+// A tensor a kernel reads: fp32 on the CPU, copied into the dense layout the kernel indexes if it is strided.
+at::Tensor input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat, "decode kernels read fp32 CPU tensors, got ",
+                    name, " ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+// A tensor a kernel writes into in place must already be laid out as it indexes it: writes into a copy would be lost.
+void writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                    "decode kernels write into contiguous fp32 CPU tensors, got ", name, " ", t.scalar_type(),
+                    " strides ", t.strides());
+}
+
+// y[M, N] = x[M, K] @ W^T + bias for packed = pack(W) [ceil(N / 8), K, 8]; with a residual [M, N], added into it and
+// the residual returned.
+at::Tensor skinny_linear(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t n,
+                         const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& residual) {
+  const at::Tensor x = input(x_in, "x"), packed = input(packed_in, "packed");
+  TORCH_CHECK_VALUE(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 8 && packed.size(1) == x.size(1) &&
+                        packed.size(0) == (n + 7) / 8,
+                    "skinny_linear: x ", x.sizes(), " does not fit the panels ", packed.sizes(), " of ", n, " outputs");
+  const int64_t m = x.size(0);
+  const at::Tensor bias = bias_in ? input(*bias_in, "bias") : at::Tensor();
+  TORCH_CHECK_VALUE(!bias.defined() || bias.numel() == n, "skinny_linear: bias of ", bias.sizes(), " for ", n);
+  at::Tensor y = residual ? *residual : at::empty({m, n}, x.options());
+  writable(y, "residual");
+  TORCH_CHECK_VALUE(y.numel() == m * n, "skinny_linear: residual ", y.sizes(), " for ", m, " x ", n);
+  raw::skinny_linear(x.data_ptr<float>(), m, x.size(1), packed.data_ptr<float>(), n,
+                     bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>(), residual.has_value(),
+                     at::get_num_threads());
+  return y;
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  const at::Tensor x = input(x_in, "x"), weight = input(weight_in, "weight");
+  const int64_t k = x.dim() ? x.size(-1) : 0;
+  TORCH_CHECK_VALUE(k > 0 && weight.numel() == k, "rms_norm: x ", x.sizes(), " with weight ", weight.sizes());
+  at::Tensor y = at::empty_like(x);
+  raw::rms_norm(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.numel() / k, k,
+                static_cast<float>(eps));
+  return y;
+}
+
+void rope_cache(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Tensor& sin_in, const at::Tensor& k_cache,
+                const at::Tensor& v_cache, int64_t heads, int64_t pos) {
+  writable(qkv, "qkv"), writable(k_cache, "k_cache"), writable(v_cache, "v_cache");
+  const at::Tensor cos = input(cos_in, "cos"), sin = input(sin_in, "sin");
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "rope_cache: caches ", k_cache.sizes(),
+                    " and ", v_cache.sizes());
+  const int64_t b = k_cache.size(0), kvh = k_cache.size(1), t = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK_VALUE(d <= kMaxHeadDim && 0 <= pos && pos < t && qkv.numel() == b * (heads + 2 * kvh) * d &&
+                        cos.numel() == b * d && sin.numel() == b * d,
+                    "rope_cache: qkv ", qkv.sizes(), ", cos ", cos.sizes(), ", caches ", k_cache.sizes(), " at ", pos);
+  raw::rope_cache(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<float>(),
+                  v_cache.data_ptr<float>(), b, heads, kvh, d, t, pos);
+}
+
+at::Tensor attend(const at::Tensor& qkv_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& mask_in,
+                  int64_t heads, int64_t length) {
+  const at::Tensor qkv = input(qkv_in, "qkv"), k_cache = input(k_in, "k_cache"), v_cache = input(v_in, "v_cache"),
+                   mask = input(mask_in, "mask");
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "attend: caches ", k_cache.sizes(),
+                    " and ", v_cache.sizes());
+  const int64_t b = k_cache.size(0), kvh = k_cache.size(1), t = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK_VALUE(heads > 0 && heads % kvh == 0 && 0 < length && length <= t && length <= kMaxContext &&
+                        qkv.numel() == b * (heads + 2 * kvh) * d && mask.numel() == b * t,
+                    "attend: qkv ", qkv.sizes(), ", mask ", mask.sizes(), ", caches ", k_cache.sizes(), " over ",
+                    length, " positions");
+  at::Tensor out = at::empty({b, heads * d}, qkv.options());
+  raw::attend(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), mask.data_ptr<float>(),
+              out.data_ptr<float>(), b, heads, kvh, d, t, length, at::get_num_threads());
+  return out;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up_in) {
+  const at::Tensor gate_up = input(gate_up_in, "gate_up");
+  TORCH_CHECK_VALUE(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up ", gate_up.sizes());
+  const int64_t m = gate_up.size(0), width = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({m, width}, gate_up.options());
+  raw::silu_mul(gate_up.data_ptr<float>(), out.data_ptr<float>(), m, width);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // Without the GIL, like torch's own ops: other Python threads (loggers, heartbeats) run while a kernel does.
+  using nogil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("skinny_linear", &skinny_linear, nogil());
+  m.def("rms_norm", &rms_norm, nogil());
+  m.def("rope_cache", &rope_cache, nogil());
+  m.def("attend", &attend, nogil());
+  m.def("silu_mul", &silu_mul, nogil());
 }

@@ -1,4 +1,4 @@
-"""The lean decoder's CPU kernels (``kernels.cpp``), compiled on first use and called through ctypes.
+"""The lean decoder's CPU kernels (``kernels.cpp``), built on first use by ``torch.utils.cpp_extension.load``.
 
 - ``linear``: the skinny matmul. At decode batch sizes (a few rows) an fp32 linear layer should run at the speed of
   streaming its weight from memory; oneDNN's packed kernels reach well under half of that on an AVX2 host, and this
@@ -6,22 +6,25 @@
 - ``rms_norm``, ``rope_cache``, ``attend``, ``silu_mul``: a decode step's glue, one call each instead of 5-10 small
   torch ops (each costing more in dispatch than in arithmetic at these sizes).
 
-They need x86-64 with AVX2 and FMA and a C++ compiler (``$CXX``, default ``g++``); where either is missing, or
-``FEDRL_DECODE_KERNELS=0``, ``library()`` returns None and the decoder runs on oneDNN and torch ops. The shared
-library is cached under ``$FEDRL_CACHE_DIR/kernels`` keyed by a hash of the source and the flags. The kernels take
-fp32 CPU tensors; inputs are made contiguous, outputs written in place must already be.
+They need x86-64 with AVX2 and FMA, a C++ compiler (``$CXX``, default ``c++``) and ``ninja``; where one is missing,
+the build fails, or ``FEDRL_DECODE_KERNELS=0``, ``library()`` returns None (the reason logged once as a warning) and
+the decoder runs on oneDNN and torch ops. The build lives in ``$FEDRL_CACHE_DIR/kernels/<name>``, the name keyed by
+a hash of the source, the flags and the torch version, so an edit rebuilds. The kernels take fp32 CPU tensors and
+check them in C++: inputs are made contiguous, outputs written in place must already be (else ``ValueError``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import logging
 import os
 import platform
-import subprocess
+import shutil
+import sysconfig
+import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -29,59 +32,97 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # cpp_extension adds -fPIC, -shared and its -std
+LDFLAGS = ["-fopenmp"]
 PANEL = 8  # output columns per panel (one AVX2 register of fp32)
 LARGE_M = 64  # from this many rows on, a plain GEMM (compute-bound) beats streaming panels 8 rows at a time
+STALE_LOCK_S = 900.0  # a build lock older than this was left by a killed build (one takes 20-90 s)
 
 
-def _cpu_ok() -> str | None:
+@functools.cache
+def library() -> ModuleType | None:
+    """The built extension module, or None (the reason logged once, as a warning)."""
+    reason = _missing()
+    if reason is None:
+        try:
+            return _build()
+        except Exception as err:  # whatever breaks the build or the import, decoding goes on without the kernels
+            reason = f"the build failed: {_first_error_line(str(err)) or type(err).__name__}"
+    log.warning("decode kernels unavailable (%s): the lean decoder uses oneDNN and torch ops", reason)
+    return None
+
+
+def _missing() -> str | None:
+    """Why the kernels cannot be built here, or None."""
+    if os.environ.get("FEDRL_DECODE_KERNELS", "1") == "0":
+        return "FEDRL_DECODE_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not x86-64 ({platform.machine()})"
     if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return "the CPU has no AVX2"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} not found (set $CXX)"
+    if not _find_ninja():
+        return "ninja not found (pip install ninja)"
     return None
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (the reason logged once)."""
-    reason = "FEDRL_DECODE_KERNELS=0" if os.environ.get("FEDRL_DECODE_KERNELS", "1") == "0" else _cpu_ok()
-    if reason is None:
-        try:
-            return _load()
-        except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", b"") or b""
-            reason = f"{type(err).__name__}: {err} {detail.decode(errors='replace')[-500:]}".strip()
-    log.info("decode kernels unavailable (%s): the lean decoder uses oneDNN and torch ops", reason)
-    return None
+def _find_ninja() -> bool:
+    """Whether ``ninja`` is on PATH, putting this environment's scripts directory there if it holds it.
+
+    cpp_extension runs ``ninja`` by name, and a virtualenv's interpreter run by path (``.venv/bin/python``, not
+    activated) does not have the environment's ``bin``, where ``pip install ninja`` puts it, on PATH.
+    """
+    if shutil.which("ninja"):
+        return True
+    scripts = sysconfig.get_path("scripts")
+    if not shutil.which("ninja", path=scripts):
+        return False
+    os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+    return True
 
 
-def _load() -> ctypes.CDLL:
+def _build() -> ModuleType:
+    """Build (or find built) and import the extension."""
+    from torch.utils import cpp_extension
+
     from fedrl_lightning.models import default_cache_dir
 
-    compiler = os.environ.get("CXX", "g++")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    path = default_cache_dir() / "kernels" / f"decode-{digest}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True)
-        os.replace(tmp, path)  # atomic: concurrent processes each compile, one file wins, none reads a partial one
-    lib = ctypes.CDLL(str(path))
-    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    signatures = {
-        "skinny_linear": [ptr, i64, i64, ptr, i64, ptr, ptr, i32, i32],
-        "rms_norm": [ptr, ptr, ptr, i64, i64, f32],
-        "rope_cache": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64],
-        "attend": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32],
-        "silu_mul": [ptr, ptr, i64, i64],
-    }
-    for name, args in signatures.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    return lib
+    key = b"\0".join([SOURCE.read_bytes(), *(f.encode() for f in FLAGS + LDFLAGS), torch.__version__.encode()])
+    name = f"fedrl_decode_kernels_{hashlib.sha256(key).hexdigest()[:16]}"
+    directory = default_cache_dir() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(directory / "lock")
+    # cpp_extension locks the directory while it builds: concurrent processes build once and all import the result.
+    return cpp_extension.load(
+        name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory)
+    )
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove a build lock a killed process left behind: cpp_extension would wait for it forever."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing %s, left %.0f s ago by a decode-kernels build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
+def _first_error_line(message: str) -> str:
+    """The compiler's first ``error:`` line in a build log (else its first non-empty line), without the path."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    if not errors:
+        return lines[0] if lines else ""
+    line = errors[0]
+    return line[line.index(SOURCE.name) :] if SOURCE.name in line else line
 
 
 def available(weight: Tensor) -> bool:
+    """Whether ``weight`` can go through ``linear`` (fp32 on the CPU, with the kernels built)."""
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and library() is not None
 
 
@@ -100,41 +141,16 @@ def unpack(packed: Tensor, n: int) -> Tensor:
 def linear(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """(..., K) @ W^T + bias -> (..., N) for ``packed = pack(W)``; with ``residual`` (..., N), added into it in place
     and returned. Many rows go through a plain GEMM instead (compute-bound, where panels do not pay)."""
-    k = packed.shape[1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(-1, packed.shape[1])
     if rows.shape[0] >= LARGE_M:  # prefill: the transient unpack costs a few % of the GEMM
         y = torch.nn.functional.linear(x, unpack(packed, n), bias)
         return y if residual is None else residual.add_(y)
-    rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype) if residual is None else _writable(residual)
-    bias_ptr = None if bias is None else bias.data_ptr()
-    library().skinny_linear(
-        rows.data_ptr(),
-        rows.shape[0],
-        k,
-        packed.data_ptr(),
-        n,
-        bias_ptr,
-        out.data_ptr(),
-        residual is not None,
-        torch.get_num_threads(),
-    )
-    return out.view(*x.shape[:-1], n)
-
-
-def _writable(t: Tensor) -> Tensor:
-    """A tensor the kernels write into: it must be laid out as they index it."""
-    if not t.is_contiguous() or t.dtype != torch.float32:
-        raise ValueError(f"decode kernels write into contiguous fp32 tensors, got {t.dtype} strides {t.stride()}")
-    return t
+    return library().skinny_linear(rows, packed, n, bias, residual).view(*x.shape[:-1], n)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """(..., K) -> (..., K): x * rsqrt(mean(x^2) + eps) * weight."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    library().rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
-    return out
+    return library().rms_norm(x, weight, eps)
 
 
 def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int, pos: int) -> None:
@@ -142,12 +158,7 @@ def rope_cache(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: 
 
     ``cos``/``sin`` are (B, D), sin's first half negated (``LeanDecoder._rope``).
     """
-    b, kvh, t, d = k_cache.shape
-    qkv, cos, sin = _writable(qkv), cos.contiguous(), sin.contiguous()
-    _writable(k_cache), _writable(v_cache)
-    library().rope_cache(
-        qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), b, heads, kvh, d, t, pos
-    )
+    library().rope_cache(qkv, cos, sin, k_cache, v_cache, heads, pos)
 
 
 def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, heads: int, length: int) -> Tensor:
@@ -155,30 +166,9 @@ def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, heads: i
 
     ``mask`` is the additive key mask (B, T); the 1/sqrt(D) scale is already in q.
     """
-    b, kvh, t, d = k_cache.shape
-    qkv, k_cache, v_cache, mask = (v.contiguous() for v in (qkv, k_cache, v_cache, mask))
-    out = torch.empty(b, heads * d, dtype=qkv.dtype)
-    library().attend(
-        qkv.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        mask.data_ptr(),
-        out.data_ptr(),
-        b,
-        heads,
-        kvh,
-        d,
-        t,
-        length,
-        torch.get_num_threads(),
-    )
-    return out
+    return library().attend(qkv, k_cache, v_cache, mask, heads, length)
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """(M, 2I) -> (M, I): silu(gate) * up."""
-    gate_up = gate_up.contiguous()
-    m, width = gate_up.shape
-    out = torch.empty(m, width // 2, dtype=gate_up.dtype)
-    library().silu_mul(gate_up.data_ptr(), out.data_ptr(), m, width // 2)
-    return out
+    return library().silu_mul(gate_up)
