@@ -37,11 +37,12 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save as st_save
 
-from fedrl_lightning.callbacks.expert_selection import ConfidenceSelector, ExpertSelection, RandomSelector
+from fedrl_lightning.algorithms.fedgrpo import FedGRPOModule
+from fedrl_lightning.algorithms.fedgrpo.data import FedGRPOData
+from fedrl_lightning.algorithms.fedgrpo.experts import ExpertPool, ExpertSpec
+from fedrl_lightning.algorithms.fedgrpo.selection import ConfidenceSelector, ExpertSelection, RandomSelector
 from fedrl_lightning.data import FederatedData
-from fedrl_lightning.expert_data import FedGRPOData
-from fedrl_lightning.experts import ExpertPool, ExpertSpec
-from fedrl_lightning.modules import FedGRPOModule, GRPOModule
+from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.rewards import answer_tag_reward, reasoning_gym_reward
 from fedrl_lightning.trainer import FederatedTrainer
 

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrl_lightning.aggregation import FedAvg
-from fedrl_lightning.callbacks.peer_mixture import PeerMixtureReference
+from fedrl_lightning.algorithms.fedppo.reference import PeerMixtureReference
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import PPOModule
 from fedrl_lightning.rewards import answer_tag_reward, reasoning_gym_reward

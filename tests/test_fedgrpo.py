@@ -11,7 +11,17 @@ import torch
 import yaml
 
 from conftest import length_reward, make_data
-from fedrl_lightning.callbacks.expert_selection import (
+from fedrl_lightning.algorithms.fedgrpo import FedGRPOModule
+from fedrl_lightning.algorithms.fedgrpo.advantages import combine_expert_rewards, federated_advantages
+from fedrl_lightning.algorithms.fedgrpo.data import FedGRPOData, question_text
+from fedrl_lightning.algorithms.fedgrpo.experts import (
+    Expert,
+    ExpertPool,
+    ExpertSpec,
+    agreement_reward,
+    normalize_answer,
+)
+from fedrl_lightning.algorithms.fedgrpo.selection import (
     ConfidenceSelector,
     ExpertSelection,
     OracleByDomainSelector,
@@ -21,10 +31,6 @@ from fedrl_lightning.callbacks.expert_selection import (
 )
 from fedrl_lightning.cli import FedRLCLI
 from fedrl_lightning.comm import Channel
-from fedrl_lightning.expert_advantages import combine_expert_rewards, federated_advantages
-from fedrl_lightning.expert_data import FedGRPOData, question_text
-from fedrl_lightning.experts import Expert, ExpertPool, ExpertSpec, agreement_reward, normalize_answer
-from fedrl_lightning.modules import FedGRPOModule
 from fedrl_lightning.trainer import FederatedTrainer
 
 NAN = float("nan")
@@ -347,11 +353,11 @@ def _tiny_config(tmp_path, mode: str) -> str:
             "progress": False,
             "callbacks": [
                 {
-                    "class_path": "fedrl_lightning.callbacks.expert_selection.ExpertSelection",
+                    "class_path": "fedrl_lightning.algorithms.fedgrpo.selection.ExpertSelection",
                     "init_args": {
-                        "selector": {"class_path": "fedrl_lightning.callbacks.expert_selection.ConfidenceSelector"},
+                        "selector": {"class_path": "fedrl_lightning.algorithms.fedgrpo.selection.ConfidenceSelector"},
                         "experts": {
-                            "class_path": "fedrl_lightning.experts.ExpertPool",
+                            "class_path": "fedrl_lightning.algorithms.fedgrpo.experts.ExpertPool",
                             "init_args": {"experts": spec, "noise_sigma": 0.1},
                         },
                     },
@@ -359,7 +365,7 @@ def _tiny_config(tmp_path, mode: str) -> str:
             ],
         },
         "model": {
-            "class_path": "fedrl_lightning.modules.FedGRPOModule",
+            "class_path": "fedrl_lightning.algorithms.fedgrpo.FedGRPOModule",
             "init_args": {
                 "model": "tiny-random",
                 "lora_r": 4,
@@ -375,7 +381,7 @@ def _tiny_config(tmp_path, mode: str) -> str:
             },
         },
         "data": {
-            "class_path": "fedrl_lightning.expert_data.FedGRPOData",
+            "class_path": "fedrl_lightning.algorithms.fedgrpo.data.FedGRPOData",
             "init_args": {
                 "experts": {
                     "class_path": "fedrl_lightning.data.FederatedData",

@@ -9,12 +9,12 @@ import torch
 import yaml
 
 from conftest import make_data, make_module
-from fedrl_lightning.callbacks.peer_mixture import PeerMixtureReference
+from fedrl_lightning.algorithms.fedppo.mixture import MixtureReference, mixture_log_probs
+from fedrl_lightning.algorithms.fedppo.reference import PeerMixtureReference
 from fedrl_lightning.cli import FedRLCLI
 from fedrl_lightning.client_state import ClientState
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.modules import PPOModule
-from fedrl_lightning.peers import MixtureReference, mixture_log_probs
 from fedrl_lightning.trainer import FederatedTrainer
 
 T = 0.7

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedrl_lightning.peers import mixture_log_probs, product_weights, score_weights, uniform_weights
+from fedrl_lightning.algorithms.fedppo.mixture import mixture_log_probs, product_weights, score_weights, uniform_weights
 
 
 def test_uniform_weights_with_self_preference():

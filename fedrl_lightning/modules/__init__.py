@@ -1,6 +1,5 @@
 """The LightningModules: the policy, the policy-gradient core, and the RL algorithms built on it."""
 
-from fedrl_lightning.modules.fedgrpo import FedGRPOModule
 from fedrl_lightning.modules.fedmoa import FedMOAModule
 from fedrl_lightning.modules.grpo import GRPOBatch, GRPOModule
 from fedrl_lightning.modules.pg import PolicyGradientBatch, PolicyGradientModule
@@ -8,7 +7,6 @@ from fedrl_lightning.modules.policy import PolicyModule
 from fedrl_lightning.modules.ppo import PPOBatch, PPOModule
 
 __all__ = [
-    "FedGRPOModule",
     "FedMOAModule",
     "GRPOBatch",
     "GRPOModule",

@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 import torch
 
+from fedrl_lightning.algorithms.fedgrpo.data import Example, FedGRPOData, question_text
 from fedrl_lightning.comm import Channel
-from fedrl_lightning.expert_data import Example, FedGRPOData, question_text
 from fedrl_lightning.losses import weighted_reward_sum
 from fedrl_lightning.models import load_causal_lm
 from fedrl_lightning.rewards import compute_rewards, format_reward, reasoning_gym_reward, tag_count_reward

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from fedrl_lightning.algorithms.fedgrpo.data import Example, FedGRPOData, question_text
+from fedrl_lightning.algorithms.fedgrpo.experts import ExpertPool
 from fedrl_lightning.callbacks import Callback
-from fedrl_lightning.expert_data import Example, FedGRPOData, question_text
-from fedrl_lightning.experts import ExpertPool
 
 
 def hashed_ngram_embedding(texts: list[str], n: int = 3, dim: int = 4096) -> Tensor:

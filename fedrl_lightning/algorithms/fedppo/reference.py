@@ -30,8 +30,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fedrl_lightning.algorithms.fedppo.mixture import (
+    MixtureReference,
+    MixtureSpace,
+    product_weights,
+    score_weights,
+    uniform_weights,
+)
 from fedrl_lightning.callbacks import Callback
-from fedrl_lightning.peers import MixtureReference, MixtureSpace, product_weights, score_weights, uniform_weights
 
 Weighting = Literal["uniform", "score", "product"]
 Exchange = Literal["snapshot_exchange", "logit_exchange"]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fedrl_lightning.expert_advantages import SCORINGS, combine_expert_rewards, federated_advantages
+from fedrl_lightning.algorithms.fedgrpo.advantages import SCORINGS, combine_expert_rewards, federated_advantages
 from fedrl_lightning.modules.grpo import GRPOModule
 from fedrl_lightning.modules.pg import RewardFunc, nanstd
 from fedrl_lightning.rewards import format_reward, reasoning_gym_reward, tag_count_reward
@@ -101,7 +101,7 @@ class FedGRPOModule(GRPOModule):
         if self.experts is None:
             raise RuntimeError(
                 "FedGRPOModule gets its rewards from expert clients: add "
-                "fedrl_lightning.callbacks.expert_selection.ExpertSelection to trainer.callbacks"
+                "fedrl_lightning.algorithms.fedgrpo.selection.ExpertSelection to trainer.callbacks"
             )
         m, g = self.experts_per_question, self.generations_per_expert
         rewards = []
