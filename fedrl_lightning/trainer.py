@@ -12,12 +12,11 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import lightning as L
 from lightning.fabric.strategies import Strategy
 from rich.console import Console
 from torch import Tensor
 
-from fedrl_lightning import ranks, reporting
+from fedrl_lightning import checkpoint, ranks, reporting
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import Client, ClientFault
@@ -133,7 +132,7 @@ class FederatedTrainer:
         if devices != 1 or num_nodes != 1:
             strategy = ranks.ClientParallelStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
         loggers = reporting.run_loggers(self.output_dir)
-        self.fabric = L.Fabric(
+        self.fabric = checkpoint.fabric(
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,

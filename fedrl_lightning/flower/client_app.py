@@ -24,8 +24,8 @@ from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from lightning.fabric import Fabric
 
+from fedrl_lightning import checkpoint
 from fedrl_lightning.client import Client, Downlink
 from fedrl_lightning.flower import records
 from fedrl_lightning.flower.settings import FlowerSettings, build
@@ -51,7 +51,7 @@ def _site(settings: FlowerSettings, node_config: Mapping[str, Any]) -> _Site:
     key = (*settings.cli_args(), settings.client_state_dir)
     if key not in _CACHE:
         args, module, data = build(settings, "--trainer.progress", "false")
-        fabric = Fabric(accelerator=args["accelerator"], devices=1, precision=args["precision"])
+        fabric = checkpoint.fabric(accelerator=args["accelerator"], devices=1, precision=args["precision"])
         fabric.launch()
         fabric.seed_everything(args["seed"])
         client = Client.setup(

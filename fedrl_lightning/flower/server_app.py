@@ -17,9 +17,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
-from lightning.fabric import Fabric
 
-from fedrl_lightning import reporting
+from fedrl_lightning import checkpoint, reporting
 from fedrl_lightning.flower import records
 from fedrl_lightning.flower.settings import FlowerSettings, build
 from fedrl_lightning.flower.strategy import FedRLStrategy
@@ -35,7 +34,7 @@ def make_server(args: Mapping[str, Any], output_dir: Path) -> Server:
     if args["aggregation"] is None:
         raise ValueError("trainer.aggregation is null (local-only training): a Flower run needs an aggregator")
     return Server(
-        Fabric(accelerator="cpu", devices=1),
+        checkpoint.fabric(accelerator="cpu", devices=1),
         args["aggregation"],
         args["selector"] or UniformSelector(seed=args["seed"]),
         args["num_rounds"],

@@ -39,7 +39,7 @@ class ClientStateStore:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(root) / f"client{client_id}"
         self.client_id, self.keep = client_id, keep
-        self.fabric = fabric if fabric is not None else Fabric(accelerator="cpu", devices=1)
+        self.fabric = fabric if fabric is not None else checkpoint.fabric(accelerator="cpu", devices=1)
 
     def rounds(self) -> list[int]:
         """Rounds with a saved state (valid or not), ascending."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: the rollout never imports the modules at run time
+    from fedrl_lightning.modules.policy import PolicyModule
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,6 @@ def completion_masks(completion_ids: Tensor, eos_token_ids: list[int]) -> tuple[
 class RolloutBackend(Protocol):
     """What the client needs from a generation backend."""
 
-    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+    def generate(self, module: PolicyModule, prompts: list[Any], params: SamplingParams) -> Rollout:
         """Sample ``params.num_generations`` completions for each prompt (chat messages or a string)."""
         ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from fedrl_lightning.rollout.decoder import (
     is_lora,
 )
 from fedrl_lightning.rollout.packed import load_weight, pack_linears
+
+if TYPE_CHECKING:  # annotations only: the rollout never imports the modules at run time
+    from fedrl_lightning.modules.policy import PolicyModule
 
 
 def encode_prompts(tokenizer: Any, prompts: list[Any], max_prompt_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -123,7 +126,7 @@ class HFRollout:
         return self._copy
 
     @torch.no_grad()
-    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+    def generate(self, module: PolicyModule, prompts: list[Any], params: SamplingParams) -> Rollout:
         model, tokenizer = module.model, module.tokenizer
         lean = self.uses_lean_decoder(model)
         merged = False if lean else self.merged_copy

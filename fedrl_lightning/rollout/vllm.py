@@ -17,7 +17,7 @@ import gc
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from torch import Tensor
 from fedrl_lightning.rollout import Rollout, SamplingParams, completion_masks
 from fedrl_lightning.rollout.hf import encode_prompts, eos_token_ids
 from fedrl_lightning.rollout.vllm_sync import Batches, SyncMethod, WeightSync
+
+if TYPE_CHECKING:  # annotations only: the rollout never imports the modules at run time
+    from fedrl_lightning.modules.policy import PolicyModule
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +209,7 @@ class VLLMRollout:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
-    def engine(self, module: Any) -> Any:
+    def engine(self, module: PolicyModule) -> Any:
         """The ``vllm.LLM``, built on first use from the module's checkpoint."""
         if self.llm is None:
             self.llm = self._build(_model_path(module, self.model_path))
@@ -268,14 +271,14 @@ class VLLMRollout:
         self.lora_request = None
         self.reset_prefix_cache()
 
-    def _prepare(self, module: Any) -> Any:
+    def _prepare(self, module: PolicyModule) -> Any:
         llm = self.engine(module)
         self.weight_sync(self, module)
         return llm
 
     # -- the rollout protocol ---------------------------------------------------------------------------------
 
-    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+    def generate(self, module: PolicyModule, prompts: list[Any], params: SamplingParams) -> Rollout:
         from vllm import SamplingParams as VSamplingParams
 
         llm = self._prepare(module)
@@ -307,7 +310,7 @@ class VLLMRollout:
     @torch.no_grad()
     def completion_log_probs(
         self,
-        module: Any,
+        module: PolicyModule,
         prompt_ids: Tensor,
         prompt_mask: Tensor,
         completion_ids: Tensor,

@@ -21,7 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from fedrl_lightning.rollout import Rollout, SamplingParams
 from fedrl_lightning.rollout.hf import encode_prompts, eos_token_ids
 from fedrl_lightning.rollout.vllm import build_rollout, request_seed, unpad_left
 from fedrl_lightning.rollout.vllm_sync import Batches, SyncMethod, WeightSync
+
+if TYPE_CHECKING:  # annotations only: the rollout never imports the modules at run time
+    from fedrl_lightning.modules.policy import PolicyModule
 
 
 class VLLMServerRollout:
@@ -112,13 +115,13 @@ class VLLMServerRollout:
             self.model = self._request("/v1/models")["data"][0]["id"]
         return self.model
 
-    def _prepare(self, module: Any) -> None:
+    def _prepare(self, module: PolicyModule) -> None:
         self.served_model()
         self.weight_sync(self, module)
 
     # -- the rollout protocol ---------------------------------------------------------------------------------
 
-    def generate(self, module: Any, prompts: list[Any], params: SamplingParams) -> Rollout:
+    def generate(self, module: PolicyModule, prompts: list[Any], params: SamplingParams) -> Rollout:
         self._prepare(module)
         tokenizer = module.tokenizer
         enc = encode_prompts(tokenizer, prompts, self.max_prompt_length)
@@ -147,7 +150,7 @@ class VLLMServerRollout:
     @torch.no_grad()
     def completion_log_probs(
         self,
-        module: Any,
+        module: PolicyModule,
         prompt_ids: Tensor,
         prompt_mask: Tensor,
         completion_ids: Tensor,
