@@ -224,8 +224,11 @@ class Client:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + cid)
             rng = torch.get_rng_state()
-        sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
-        return ClientState(sampler=sampler.state_dict(), rng=rng)
+        return ClientState(sampler=self._sampler(cid).state_dict(), rng=rng)
+
+    def _sampler(self, cid: int) -> ClientSampler:
+        """Client ``cid``'s data order over its train split, at its start."""
+        return ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
 
     def state(self, cid: int) -> ClientState:
         """Client ``cid``'s stored state (views of the bank's rows), or its fresh state."""
@@ -262,7 +265,7 @@ class Client:
         if self.aggregation is not None and down.global_state is not None:
             objective = self.aggregation.local_objective(down.global_state, client_extra, down.objective or None)
         torch.set_rng_state(state.rng)
-        sampler = ClientSampler(len(self.data.train_examples(cid)), self.seed, cid)
+        sampler = self._sampler(cid)
         sampler.load_state_dict(state.sampler)
         examples = self.data.train_examples(cid)
 

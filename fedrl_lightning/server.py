@@ -219,8 +219,7 @@ class Server:
                 self._say(f"[yellow]round {r}: {reply.label} dropped: {reply.error}[/]")
                 metrics[f"faults/{reply.label}"] = 1.0
         metrics["faults/dropped"] = float(len(ids) - len(updates))
-        if len(updates) < min(self.min_clients, len(ids)):
-            raise TooFewClients(f"{len(updates)} of {len(ids)} clients replied, min_clients={self.min_clients}", ids)
+        self.require_enough(updates, ids)
         overhead = transport.overhead
         if self.aggregation is not None:
             metrics.update(self.aggregate(r, updates))
@@ -236,6 +235,11 @@ class Server:
         if self.is_eval_round(r):
             metrics.update(self.evaluate(r, transport))
         return metrics
+
+    def require_enough(self, updates: list[ClientUpdate], ids: list[int]) -> None:
+        """Raise ``TooFewClients`` unless ``min_clients`` of the selected ``ids`` (or all of them) replied."""
+        if len(updates) < min(self.min_clients, len(ids)):
+            raise TooFewClients(f"{len(updates)} of {len(ids)} clients replied, min_clients={self.min_clients}", ids)
 
     def downlink(self, r: int) -> Downlink:
         """What every client of round ``r`` receives: the global adapter and the aggregator's client-side tensors;

@@ -140,14 +140,13 @@ class FederatedTrainer:
             precision=precision,
             loggers=loggers,
         )
-        self.comm = Channel()
         self.server = Server(
             self.fabric,
             aggregation,
             selector or UniformSelector(seed=seed),
             num_rounds,
             callbacks=self.callbacks,
-            comm=self.comm,
+            comm=Channel(),
             loggers=loggers,
             checkpoint_dir=self.output_dir / "checkpoints",
             keep_checkpoints=keep_checkpoints,
@@ -204,7 +203,7 @@ class FederatedTrainer:
             hook_context={"trainer": self},
         )
         self.client.hook_context["module"] = self.client.module
-        self.transport = InProcessTransport(self.client, self.comm, self.eval_batch_size)
+        self.transport = InProcessTransport(self.client, self.server.comm, self.eval_batch_size)
         self.server.hook_context.update(self.client.hook_context)
         self.server.console = self.console if self.progress else None
 
@@ -233,6 +232,11 @@ class FederatedTrainer:
     def client_states(self) -> ClientStates:
         """Every client's stored state, by client id."""
         return ClientStates(self.client)
+
+    @property
+    def comm(self) -> Channel:
+        """The run's byte ledger (the server's)."""
+        return self.server.comm
 
     @property
     def global_state(self) -> dict[str, Tensor]:

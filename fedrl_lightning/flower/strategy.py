@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from fedrl_lightning.flower import records
 from fedrl_lightning.flower.transport import FlowerTransport
-from fedrl_lightning.server import Server, TooFewClients, with_means
+from fedrl_lightning.server import Server, with_means
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FedRLStrategy(Strategy):
         transport = self._transport(grid)
         nodes = self.server.selector.select(server_round, transport.participants())
         messages = transport.train_messages(self.server.downlink(server_round), nodes)
-        self._sent = {m.metadata.dst_node_id: records.content_bytes(m.content) for m in messages}
+        self._sent = FlowerTransport.sent_bytes(messages)
         return messages
 
     def aggregate_train(
@@ -108,12 +108,11 @@ class FedRLStrategy(Strategy):
         """The server's aggregation step on the good replies (client-id order).
 
         Raises:
-            TooFewClients: fewer good replies than ``min_clients`` (nothing has changed then).
+            fedrl_lightning.server.TooFewClients: fewer good replies than ``min_clients`` (nothing has changed then).
         """
         answers = self.transport.collect(server_round, replies, self._sent, self.server.global_state)
         updates = [a.update for a in answers if a.update is not None]
-        if len(updates) < min(self.server.min_clients, len(self._sent)):
-            raise TooFewClients(f"{len(updates)} of {len(self._sent)} clients replied", sorted(self._sent))
+        self.server.require_enough(updates, sorted(self._sent))
         metrics = self.server.aggregate(server_round, updates)
         return records.to_record(self.server.global_state), MetricRecord(metrics)
 

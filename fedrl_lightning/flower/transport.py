@@ -88,9 +88,14 @@ class FlowerTransport:
 
     def train(self, down: Downlink, ids: list[int], progress: Progress | None = None) -> list[Reply]:
         messages = self.train_messages(down, ids)
-        sent = {m.metadata.dst_node_id: records.content_bytes(m.content) for m in messages}
+        sent = self.sent_bytes(messages)
         replies = self.grid.send_and_receive(messages, timeout=self.round_timeout)
         return self.collect(down.round_idx, replies, sent, down.global_state)
+
+    @staticmethod
+    def sent_bytes(messages: Iterable[Message]) -> dict[int, int]:
+        """Bytes each destination node is sent, as Flower counts them (for the ledger)."""
+        return {m.metadata.dst_node_id: records.content_bytes(m.content) for m in messages}
 
     def collect(
         self, r: int, replies: Iterable[Message], sent: Mapping[int, int], like: Mapping[str, Tensor]
