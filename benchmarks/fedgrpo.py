@@ -40,7 +40,8 @@ from safetensors.torch import save as st_save
 from fedrl_lightning.algorithms.fedgrpo import FedGRPOModule
 from fedrl_lightning.algorithms.fedgrpo.data import FedGRPOData
 from fedrl_lightning.algorithms.fedgrpo.experts import ExpertPool, ExpertSpec
-from fedrl_lightning.algorithms.fedgrpo.selection import ConfidenceSelector, ExpertSelection, RandomSelector
+from fedrl_lightning.algorithms.fedgrpo.reward import ExpertReward
+from fedrl_lightning.algorithms.fedgrpo.selection import ConfidenceSelector, RandomSelector
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.rewards import answer_tag_reward, reasoning_gym_reward
@@ -106,25 +107,24 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: b
         seed=cfg["seed"],
     )
     m, g = cfg["experts_per_question"], cfg["generations_per_expert"]
-    callbacks: list[Any] = []
+    reward: ExpertReward | None = None
     if method == "central":
         module: Any = GRPOModule(num_generations=g * m, **common)
         data = make_data(cfg, reveal_answers=True)
     else:
-        module = FedGRPOModule(experts_per_question=m, generations_per_expert=g, **common)
-        data = make_data(cfg, reveal_answers=False)
         selector = (
             ConfidenceSelector(seed=cfg["seed"]) if method == "fedgrpo_confidence" else RandomSelector(cfg["seed"])
         )
         pool = ExpertPool(ExpertSpec(reward_funcs=REWARDS, reward_weights=WEIGHTS), seed=cfg["seed"])
-        callbacks = [ExpertSelection(selector, pool)]
+        reward = ExpertReward(pool, selector, experts_per_question=m, generations_per_expert=g)
+        module = FedGRPOModule(experts=reward, **common)
+        data = make_data(cfg, reveal_answers=False)
     run_dir = out_dir / f"fedgrpo_run/{method}"
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = FederatedTrainer(
         num_rounds=cfg["steps"],
         local_steps=1,
         aggregation=None,
-        callbacks=callbacks,
         eval_every=0,
         eval_before_training=evaluate_base,
         eval_batch_size=cfg["eval_batch_size"],
@@ -136,7 +136,8 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: b
     trainer.fit(module, data, ckpt_path=None)
     minutes = (time.perf_counter() - start) / 60
     history = {h["round"]: h for h in trainer.history}
-    ledger = trainer.comm.ledger()
+    # The expert wire's ledger, one row per (server step = round, expert, direction); centralized GRPO sends nothing.
+    ledger = reward.channel.ledger() if reward is not None else trainer.comm.ledger()
     rounds = range(1, cfg["steps"] + 1)
     result: dict[str, Any] = {
         "accuracy": history[cfg["steps"]]["eval/accuracy_mean"],
@@ -153,11 +154,11 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: b
     }
     if evaluate_base:
         result["base_accuracy"] = history[0]["eval/accuracy_mean"]
-    if callbacks:
-        log = json.loads((run_dir / "expert_selection.json").read_text())
+    if reward is not None:
+        log = reward.record()
         owners = {k: data.expert_domains(k) for k in data.expert_ids()}
         hits = total = 0
-        for entry in log["rounds"]:
+        for entry in log["steps"]:
             for key, n in entry["selections"].items():
                 if "->" in key:
                     task, expert = key.split("->")

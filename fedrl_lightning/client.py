@@ -213,6 +213,7 @@ class Client:
         wrapped, optimizer = fabric.setup(module, module.configure_optimizers())
         data.prepare_data()
         data.setup("fit")  # build every client's split now, so bad data fails before any training
+        module.setup_data(data)
         bank = ClientStateBank(data.client_ids(), state_dir)
         return cls(fabric, wrapped, optimizer, rollout, data, aggregation, bank=bank, **kwargs)
 

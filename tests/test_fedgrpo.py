@@ -21,9 +21,9 @@ from fedrl_lightning.algorithms.fedgrpo.experts import (
     agreement_reward,
     normalize_answer,
 )
+from fedrl_lightning.algorithms.fedgrpo.reward import ExpertReward
 from fedrl_lightning.algorithms.fedgrpo.selection import (
     ConfidenceSelector,
-    ExpertSelection,
     OracleByDomainSelector,
     RandomSelector,
     hashed_ngram_embedding,
@@ -36,14 +36,13 @@ from fedrl_lightning.trainer import FederatedTrainer
 NAN = float("nan")
 
 
-def make_server(**overrides) -> FedGRPOModule:
+def make_server(experts: ExpertReward | None = None, **overrides) -> FedGRPOModule:
     kwargs = dict(
         model="tiny-random",
         lora_r=4,
         lora_alpha=8,
         learning_rate=1e-2,
-        experts_per_question=2,
-        generations_per_expert=2,
+        experts=experts or ExpertReward(experts_per_question=2, generations_per_expert=2),
         prompts_per_step=2,
         micro_batch_size=4,
         max_completion_length=6,
@@ -157,7 +156,7 @@ def test_model_expert_pays_agreement_with_its_small_models_greedy_answer():
 
 
 def test_model_expert_loads_a_lora_adapter_trained_elsewhere(tmp_path):
-    trained = make_server(experts_per_question=1)
+    trained = make_server()
     with torch.no_grad():
         for p in trained.trainable_parameters().values():
             p.add_(0.5)
@@ -298,47 +297,77 @@ def _forbid_tensor_payloads(monkeypatch):
 
 @pytest.mark.parametrize("scoring", ["partition", "replicate"])
 def test_a_fedgrpo_round_moves_only_text_down_and_floats_up(tmp_path, monkeypatch, scoring):
-    _forbid_tensor_payloads(monkeypatch)
     torch.manual_seed(0)
-    module = make_server(scoring=scoring)
-    before = {k: v.clone() for k, v in module.trainable_state().items()}
     # Per-client specs: a reward that varies even for a random policy, so the step has a signal to follow.
     specs = [ExpertSpec(reward_funcs=[length_reward]), ExpertSpec(reward_funcs=[length_reward], reward_weights=[2.0])]
-    selection = ExpertSelection(RandomSelector(seed=0), ExpertPool(specs))
+    reward = ExpertReward(ExpertPool(specs), RandomSelector(seed=0), 2, 2, scoring)
+    module = make_server(reward)
+    before = {k: v.clone() for k, v in module.trainable_state().items()}
     trainer = FederatedTrainer(
         num_rounds=2,
         aggregation=None,
-        callbacks=[selection],
         eval_before_training=False,
         eval_every=0,
         output_dir=str(tmp_path),
         progress=False,
     )
+    _forbid_tensor_payloads(monkeypatch)  # after the trainer's own channel exists: nothing may cross it either
     metrics = trainer.fit(module, make_fedgrpo_data(), ckpt_path=None)
-    ledger = trainer.comm.ledger()
+    ledger = reward.channel.ledger()
     assert ledger and all(row["tensor_bytes"] == 0 for row in ledger)
-    for r in (0, 1, 2):  # round 0: the confidence graph; rounds 1-2: scoring
+    assert trainer.comm.ledger() == []  # no adapter ever moved
+    for r in (0, 1, 2):  # step 0: the confidence graph; steps 1-2 (one per round): scoring
         directions = {row["direction"] for row in ledger if row["round"] == r}
         assert directions == {"down", "up"}, (r, ledger)
     # Up: exactly one float32 per candidate and scoring expert (2 prompts x G = 4; replicate: x M = 2).
     for r in (1, 2):
         up = sum(row["bytes"] for row in ledger if row["round"] == r and row["direction"] == "up")
         assert up == 4 * 2 * 4 * (2 if scoring == "replicate" else 1)
-    assert metrics["comm/bytes_up"] == up and metrics["comm/bytes_down"] > 0
+    assert metrics["client0/experts/bytes_up"] == up and metrics["client0/experts/bytes_down"] > 0
     assert {row["client"] for row in ledger} <= {0, 1}
     after = module.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the server's policy did not train"
-    log = json.loads((tmp_path / "expert_selection.json").read_text())
-    assert [r["round"] for r in log["rounds"]] == [1, 2]
-    assert sum(v for k, v in log["rounds"][0]["selections"].items() if "->" not in k) == 2 * 2
+    record = reward.record()
+    assert [s["step"] for s in record["steps"]] == [1, 2]
+    assert sum(v for k, v in record["steps"][0]["selections"].items() if "->" not in k) == 2 * 2
+    assert sum(v for k, v in metrics.items() if k.startswith("client0/experts/routed/expert")) == 2 * 2
 
 
-def test_fedgrpo_module_without_the_callback_says_what_is_missing():
-    module = make_server(experts_per_question=1)
-    with pytest.raises(RuntimeError, match="ExpertSelection"):
-        module.score(None, [{"prompt": "q"}], 2)
+def test_expert_reward_has_trls_signature_and_says_when_it_is_not_connected():
+    reward = ExpertReward(experts_per_question=1, generations_per_expert=2)
+    with pytest.raises(RuntimeError, match="not connected"):
+        reward(prompts=["q", "q"], completions=["a", "b"])
+    data = make_fedgrpo_data()
+    data.setup()
+    reward.connect(data)
+    rows = [next(r for r in data.train_examples(0) if r["task"] == t) for t in ("basic_arithmetic", "leg_counting")]
+    prompts = [r["prompt"] for r in rows for _ in range(2)]
+    answer = data.answer_key(0)[question_text(rows[0]["prompt"])]["answer"]
+    # TRL passes string completions for string prompts and message lists for chat prompts: both are graded.
+    completions = [f"<answer>{answer}</answer>", [{"role": "assistant", "content": "<answer>banana</answer>"}]] * 2
+    out = reward(prompts=prompts, completions=completions, task=[r["task"] for r in rows for _ in range(2)])
+    assert len(out) == 4 and all(v is None or isinstance(v, float) for v in out)
+    assert out[0] == 8.0 and out[1] == 0.0  # the owner of basic_arithmetic grades with its label
+    with pytest.raises(ValueError, match="groups of G = 2"):
+        reward(prompts=["q"] * 3, completions=["a"] * 3)
     with pytest.raises(ValueError, match="num_generations"):
         make_server(num_generations=4)
+
+
+def test_expert_state_resumes_without_rebuilding_the_graph():
+    data = make_fedgrpo_data()
+    data.setup()
+    reward = ExpertReward(experts_per_question=1, generations_per_expert=1, selector=RandomSelector(seed=3))
+    reward.connect(data)
+    prompts = [r["prompt"] for r in data.train_examples(0)[:4]]
+    reward(prompts=prompts, completions=["x"] * 4)
+    saved = reward.state_dict()
+    again = ExpertReward(experts_per_question=1, generations_per_expert=1, selector=RandomSelector(seed=99))
+    again.connect(data)
+    again.load_state_dict(saved)
+    assert reward(prompts=prompts, completions=["y"] * 4) == again(prompts=prompts, completions=["y"] * 4)
+    assert again.channel.ledger() == reward.channel.ledger()  # the graph was not rebuilt (no second step 0)
+    assert again.record() == reward.record() and again.step == 2
 
 
 def _tiny_config(tmp_path, mode: str) -> str:
@@ -351,18 +380,6 @@ def _tiny_config(tmp_path, mode: str) -> str:
             "eval_batch_size": 4,
             "output_dir": str(tmp_path / mode),
             "progress": False,
-            "callbacks": [
-                {
-                    "class_path": "fedrl_lightning.algorithms.fedgrpo.selection.ExpertSelection",
-                    "init_args": {
-                        "selector": {"class_path": "fedrl_lightning.algorithms.fedgrpo.selection.ConfidenceSelector"},
-                        "experts": {
-                            "class_path": "fedrl_lightning.algorithms.fedgrpo.experts.ExpertPool",
-                            "init_args": {"experts": spec, "noise_sigma": 0.1},
-                        },
-                    },
-                }
-            ],
         },
         "model": {
             "class_path": "fedrl_lightning.algorithms.fedgrpo.FedGRPOModule",
@@ -371,9 +388,19 @@ def _tiny_config(tmp_path, mode: str) -> str:
                 "lora_r": 4,
                 "lora_alpha": 8,
                 "learning_rate": 1e-2,
-                "experts_per_question": 2,
-                "generations_per_expert": 2,
-                "scoring": scoring,
+                "experts": {
+                    "class_path": "fedrl_lightning.algorithms.fedgrpo.ExpertReward",
+                    "init_args": {
+                        "experts_per_question": 2,
+                        "generations_per_expert": 2,
+                        "scoring": scoring,
+                        "selector": {"class_path": "fedrl_lightning.algorithms.fedgrpo.selection.ConfidenceSelector"},
+                        "experts": {
+                            "class_path": "fedrl_lightning.algorithms.fedgrpo.experts.ExpertPool",
+                            "init_args": {"experts": spec, "noise_sigma": 0.1},
+                        },
+                    },
+                },
                 "prompts_per_step": 1,
                 "micro_batch_size": 4,
                 "max_completion_length": 6,
@@ -408,7 +435,7 @@ def test_tiny_cli_run_completes(tmp_path, monkeypatch, mode):
     _forbid_tensor_payloads(monkeypatch)
     FedRLCLI(args=["fit", "-c", _tiny_config(tmp_path, mode)])
     out = tmp_path / mode
-    assert (out / "metrics.csv").is_file() and (out / "expert_selection.json").is_file()
+    assert (out / "metrics.csv").is_file()
     assert (out / "adapters" / "client0").is_dir()
     text = (out / "metrics.csv").read_text()
-    assert "comm/bytes_up" in text and "eval/accuracy_mean" in text
+    assert "experts/bytes_up" in text and "eval/accuracy_mean" in text

@@ -134,6 +134,10 @@ class PolicyModule(L.LightningModule):
                 raise ValueError(f"adapter tensor {name}: shape {tuple(state[name].shape)} != {tuple(param.shape)}")
             param.copy_(state[name])
 
+    def setup_data(self, data: L.LightningDataModule) -> None:
+        """Called once by the client after ``data`` is set up, before any round: an algorithm whose reward or
+        reference needs the data's other side (FedGRPO's experts) connects it here. Nothing by default."""
+
     def client_state(self) -> dict[str, Any]:
         """Algorithm state private to the client being trained (kept per client, never aggregated); none here."""
         return {}

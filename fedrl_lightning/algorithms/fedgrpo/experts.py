@@ -8,7 +8,7 @@ model answers the question greedily and ``agreement_reward`` pays candidates who
 answer (default weights 8/1 with ``format_reward``, as FedGRPO's ``model_reward format``).
 
 ``ExpertPool`` is the wire: every message is serialized (JSON text down, little-endian float32 up) and its bytes
-are recorded in the trainer's ``Channel`` under (round, expert id, direction); the expert works on the
+are recorded in ``ExpertReward``'s ``Channel`` under (round, expert id, direction); the expert works on the
 deserialized copy. No tensor crosses in either direction.
 """
 
@@ -272,5 +272,5 @@ class ExpertPool:
 
     def _record(self, expert_id: int, direction: Literal["down", "up"], num_bytes: int) -> None:
         if self.channel is None:
-            raise RuntimeError("ExpertPool is not connected: ExpertSelection.on_fit_start connects it")
+            raise RuntimeError("ExpertPool is not connected: ExpertReward.connect connects it")
         self.channel.record(self.round_idx, expert_id, direction, num_bytes)

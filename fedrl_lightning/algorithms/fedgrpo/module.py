@@ -1,40 +1,37 @@
-"""FedGRPO's server: GRPO on the server's policy, with every reward bought from expert clients as a float.
+"""FedGRPO's server: GRPO on the server's policy, with every training reward bought from expert clients as a float.
 
 The training step is ``GRPOModule``'s (rollout backend, cached old/reference log-probs, the clipped bnpo loss,
-``num_iterations`` optimizer passes, TRL's metric names); only scoring and the baseline differ. For each question
-the ``ExpertSelection`` callback (``module.experts``) picks M experts; the server samples G = g x M candidates and
-
-- ``partition`` (released code): expert b scores its own contiguous block of g candidates;
-- ``replicate`` [CHOICE]: every selected expert scores all G, combined by the selector's confidence weights.
-
-Advantages are ``pooled`` (each candidate minus the mean of its question's G rewards, no std: FedGRPO at HEAD) or
-``per_expert`` (minus the mean of its expert's block: the earlier commit). The server never sees a label:
-``reward_funcs`` and ``accuracy_func`` serve only the held-out evaluation, which the experimenter runs.
+``num_iterations`` optimizer passes, TRL's metric names); only the reward and the baseline differ. The reward is an
+``ExpertReward`` (a reward function with TRL's signature, ``algorithms/fedgrpo/reward.py``): for each question it
+routes the G = g x M candidates to M experts and returns their floats. Advantages are ``pooled`` (each candidate
+minus the mean of its question's G rewards, no std: FedGRPO at HEAD) or ``per_expert`` (minus the mean of its
+expert's block: the earlier commit). The server never sees a label: ``reward_funcs`` and ``accuracy_func`` serve
+only the held-out evaluation, which the experimenter runs.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import Tensor
 
-from fedrl_lightning.algorithms.fedgrpo.advantages import SCORINGS, combine_expert_rewards, federated_advantages
+from fedrl_lightning.algorithms.fedgrpo.advantages import federated_advantages
+from fedrl_lightning.algorithms.fedgrpo.reward import ExpertReward
 from fedrl_lightning.modules.grpo import GRPOModule
-from fedrl_lightning.modules.pg import RewardFunc, nanstd
+from fedrl_lightning.modules.pg import RewardFunc, expand_columns, nanstd
 from fedrl_lightning.rewards import format_reward, reasoning_gym_reward, tag_count_reward
 from fedrl_lightning.rollout import Rollout
 
 
 class FedGRPOModule(GRPOModule):
-    """The server policy of FedGRPO; needs the ``ExpertSelection`` callback and ``FedGRPOData``.
+    """The server policy of FedGRPO; its data module is ``FedGRPOData``.
 
     Args:
-        experts_per_question: M, experts selected for each question.
-        generations_per_expert: g, candidates per expert block; the group is G = g x M.
-        scoring: ``partition`` or ``replicate``.
+        experts: the training reward (experts, selector, M, g, scoring); None = ``ExpertReward()`` defaults.
         baseline: ``pooled`` (mean over all G) or ``per_expert`` (mean over each expert's block; in ``replicate``
-            mode every expert saw the whole group, so both coincide).
+            scoring every expert saw the whole group, so both coincide).
         reward_funcs: the evaluation's reward functions (held-out ``reward`` metric); None = the task verifier,
             ``format_reward`` and ``tag_count_reward``. Never used in training.
         reward_weights: their weights; None = 8/1/1.
@@ -46,14 +43,12 @@ class FedGRPOModule(GRPOModule):
         beta: k3 KL coefficient to the base model (FedGRPO: 1e-4).
         num_iterations: optimizer passes over each generated batch (FedGRPO: 3).
         **kwargs: the rest of ``GRPOModule``'s arguments (``prompts_per_step``, ``max_completion_length``, ...)
-            and the policy's (``model``, ``lora_r``, ``learning_rate``, ...). ``num_generations`` is g x M.
+            and the policy's (``model``, ``lora_r``, ``learning_rate``, ...). ``num_generations`` is the reward's G.
     """
 
     def __init__(
         self,
-        experts_per_question: int = 2,
-        generations_per_expert: int = 4,
-        scoring: Literal["partition", "replicate"] = "partition",
+        experts: ExpertReward | None = None,
         baseline: Literal["pooled", "per_expert"] = "pooled",
         reward_funcs: list[RewardFunc] | None = None,
         reward_weights: list[float] | None = None,
@@ -66,22 +61,18 @@ class FedGRPOModule(GRPOModule):
         num_iterations: int = 3,
         **kwargs: Any,
     ) -> None:
-        if experts_per_question < 1 or generations_per_expert < 1:
-            raise ValueError(
-                f"experts_per_question and generations_per_expert must be >= 1, got "
-                f"{experts_per_question} and {generations_per_expert}"
-            )
-        if scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         if "num_generations" in kwargs:
-            raise ValueError("FedGRPOModule sets num_generations = generations_per_expert x experts_per_question")
+            raise ValueError(
+                "FedGRPOModule sets num_generations = generations_per_expert x experts_per_question of its experts"
+            )
+        experts = experts or ExpertReward()
         funcs = reward_funcs or [reasoning_gym_reward, format_reward, tag_count_reward]
         weights = reward_weights or ([8.0, 1.0, 1.0] if reward_funcs is None else None)
         super().__init__(
             reward_funcs=funcs,
             reward_weights=weights,
             accuracy_func=accuracy_func or reasoning_gym_reward,
-            num_generations=generations_per_expert * experts_per_question,
+            num_generations=experts.group_size,
             loss_type=loss_type,
             scale_rewards=scale_rewards,
             epsilon=epsilon,
@@ -90,42 +81,43 @@ class FedGRPOModule(GRPOModule):
             num_iterations=num_iterations,
             **kwargs,
         )
-        self.experts_per_question, self.generations_per_expert = experts_per_question, generations_per_expert
-        self.scoring, self.baseline = scoring, baseline
-        self.experts: Any = None  # the ExpertSelection callback, attached at fit start
+        self.experts, self.baseline = experts, baseline
+
+    def setup_data(self, data: L.LightningDataModule) -> None:
+        self.experts.connect(data)  # type: ignore[arg-type]  # ExpertReward.connect checks it is FedGRPOData
 
     # -- scoring: questions and candidates down, floats up --------------------------------------------------------
 
     def score(self, rollout: Rollout, examples: list[dict[str, Any]], group_size: int) -> Tensor:
         """(N, 1) rewards from the selected experts; each question's rows are ``group_size`` = G contiguous rows."""
-        if self.experts is None:
-            raise RuntimeError(
-                "FedGRPOModule gets its rewards from expert clients: add "
-                "fedrl_lightning.algorithms.fedgrpo.selection.ExpertSelection to trainer.callbacks"
-            )
-        m, g = self.experts_per_question, self.generations_per_expert
-        rewards = []
-        for i, example in enumerate(examples):
-            candidates = rollout.completions[i * group_size : (i + 1) * group_size]
-            chosen, weights = self.experts.route(example, m)
-            if self.scoring == "partition":
-                for b, k in enumerate(chosen):
-                    rewards.append(
-                        torch.tensor(self.experts.query(k, example["prompt"], candidates[b * g : (b + 1) * g]))
-                    )
-            else:
-                per_expert = torch.tensor([self.experts.query(k, example["prompt"], candidates) for k in chosen])
-                rewards.append(combine_expert_rewards(per_expert[None], torch.tensor([weights]))[0])
-        out = torch.cat(rewards).float()
+        prompts, columns = expand_columns(examples, group_size)
+        completions = [[{"role": "assistant", "content": text}] for text in rollout.completions]
+        values = self.experts(prompts, completions, **columns)
+        out = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
         self.tracker.update("rewards/experts/mean", torch.nanmean(out))
         self.tracker.update("rewards/experts/std", nanstd(out))
         self.tracker.update("rewards/experts/abstained", torch.isnan(out).float().mean())
+        step = self.experts.step
+        for direction, n in self.experts.bytes_at(step).items():
+            self.tracker.update(f"experts/bytes_{direction}", n)
+        for key, n in self.experts.routing.get(step, {}).items():
+            self.tracker.update(f"experts/routed/{key}", n)
         return out[:, None]
 
     def rewards_and_advantages(self, rewards_per_func: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         rewards = rewards_per_func[:, 0]
-        block = self.generations_per_expert if self.scoring == "partition" else self.num_generations
+        partition = self.experts.scoring == "partition"
+        block = self.experts.generations_per_expert if partition else self.num_generations
         advantages, group_std = federated_advantages(
             rewards, self.num_generations, block, self.baseline, self.scale_rewards
         )
         return rewards, advantages, group_std
+
+    # -- the experts' state is the server's: checkpointed with it, restored before each round -----------------------
+
+    def client_state(self) -> dict[str, Any]:
+        return {**super().client_state(), "experts": self.experts.state_dict()}
+
+    def load_client_state(self, state: dict[str, Any]) -> None:
+        super().load_client_state(state)
+        self.experts.load_state_dict(state.get("experts", {}))

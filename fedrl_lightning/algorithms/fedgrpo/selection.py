@@ -1,4 +1,4 @@
-"""FedGRPO expert selection: the confidence graph, per-question routing, and the callback that wires them in.
+"""FedGRPO expert selection: the confidence graph and per-question routing (used by ``ExpertReward``).
 
 [RECONSTRUCTION] The confidence graph (absent from the released FedGRPO code, research/algorithms.md §2(b)):
 each expert k reports a competence ``c[k, d]`` per domain once, from a public auxiliary set; for a question q the
@@ -14,17 +14,13 @@ buckets, CRC32), cheap, deterministic and model-free; cosine similarity between 
 
 from __future__ import annotations
 
-import json
 import zlib
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from fedrl_lightning.algorithms.fedgrpo.data import Example, FedGRPOData, question_text
-from fedrl_lightning.algorithms.fedgrpo.experts import ExpertPool
-from fedrl_lightning.callbacks import Callback
+from fedrl_lightning.algorithms.fedgrpo.data import Example, question_text
 
 
 def hashed_ngram_embedding(texts: list[str], n: int = 3, dim: int = 4096) -> Tensor:
@@ -108,7 +104,7 @@ class ConfidenceSelector:
 
     def select(self, example: Example, m: int) -> tuple[list[int], list[float]]:
         if self.competence is None:
-            raise RuntimeError("ConfidenceSelector.fit has not run (ExpertSelection.on_fit_start builds the graph)")
+            raise RuntimeError("ConfidenceSelector.fit has not run (ExpertReward builds the graph on its first call)")
         scores = self.competence @ self.posterior(example)  # (K,)
         picked = top_m(scores, min(m, scores.numel()), self.generator)
         chosen = [self.expert_ids[i] for i in picked.tolist()]
@@ -175,79 +171,3 @@ class OracleByDomainSelector:
                 f"knows {sorted(self.routing or {})} (set FedGRPOData.task_metadata: true)"
             )
         return [experts[i % len(experts)] for i in range(m)], [1.0 / m] * m
-
-
-class ExpertSelection(Callback):
-    """FedGRPO's server side: builds the confidence graph at fit start, routes each question, logs the routing.
-
-    Adds itself to the module as ``module.experts`` (what ``FedGRPOModule.score`` queries). Round 0 of the
-    channel's ledger is the graph's construction (auxiliary text down, K x D floats up). Each round's routing
-    (questions per expert and per posterior domain) is written to ``expert_selection.json`` in the run directory.
-
-    Args:
-        selector: ``ConfidenceSelector`` (default), ``RandomSelector`` or ``OracleByDomainSelector``.
-        experts: the expert pool (specs per client, reward noise).
-    """
-
-    def __init__(self, selector: ExpertSelector | None = None, experts: ExpertPool | None = None) -> None:
-        self.selector = selector or ConfidenceSelector()
-        self.pool = experts or ExpertPool()
-        self.competence: Tensor | None = None
-        self.history: list[dict[str, Any]] = []
-        self._counts: dict[str, int] = {}
-        self._output_dir: Path | None = None
-
-    def on_fit_start(self, trainer: Any, module: Any) -> None:
-        data = trainer.data
-        if not isinstance(data, FedGRPOData):
-            raise TypeError(f"ExpertSelection needs FedGRPOData as the data module, got {type(data).__name__}")
-        self.pool.connect(data, trainer.comm)
-        owners = {k: data.expert_domains(k) for k in data.expert_ids()}
-        if self.competence is None:  # a resumed run keeps the graph it built
-            self.pool.round_idx = 0
-            self.competence = self.pool.competence(data.aux_examples(), data.domains)
-        self.domains = data.domains
-        self.selector.fit(self.competence, data.domains, data.aux_examples(), owners)
-        self._output_dir = Path(trainer.output_dir)
-        module.experts = self
-
-    def on_round_start(self, trainer: Any, round_idx: int) -> None:
-        self.pool.round_idx = round_idx
-        self._counts = {}
-
-    def route(self, example: Example, m: int) -> tuple[list[int], list[float]]:
-        """The experts (and weights) for one question; counted for the round's log."""
-        chosen, weights = self.selector.select(example, m)
-        for k in chosen:
-            self._counts[f"expert{k}"] = self._counts.get(f"expert{k}", 0) + 1
-            label = example.get("task")
-            if label is not None:
-                self._counts[f"{label}->expert{k}"] = self._counts.get(f"{label}->expert{k}", 0) + 1
-        return chosen, weights
-
-    def query(self, expert_id: int, prompt: Any, candidates: list[str]) -> list[float]:
-        return self.pool.query(expert_id, prompt, candidates)
-
-    def on_round_end(self, trainer: Any, round_idx: int) -> None:
-        self.history = [h for h in self.history if h["round"] != round_idx]
-        self.history.append({"round": round_idx, "selections": dict(sorted(self._counts.items()))})
-        if self._output_dir is not None:
-            record = {
-                "domains": self.domains,
-                "competence": None if self.competence is None else self.competence.tolist(),
-                "rounds": self.history,
-            }
-            (self._output_dir / "expert_selection.json").write_text(json.dumps(record, indent=1))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "competence": None if self.competence is None else self.competence.tolist(),
-            "history": self.history,
-            "selector": getattr(self.selector, "state_dict", dict)(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.competence = None if state["competence"] is None else torch.tensor(state["competence"])
-        self.history = list(state["history"])
-        if hasattr(self.selector, "load_state_dict") and state.get("selector"):
-            self.selector.load_state_dict(state["selector"])
