@@ -60,7 +60,7 @@ install-flower: $(VENV)/.installed-flower
 demo: install
 	$(VENV)/bin/fedrl fit -c configs/quickstart.yaml
 
-test: install-dev install-vllm install-flower
+test: install-dev install-vllm install-flower .venv-trl/.installed
 	$(PY) -m pytest -q
 	$(FLOWER_PY) -m pytest -q -m flower tests/test_flower.py
 

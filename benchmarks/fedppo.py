@@ -6,12 +6,13 @@
 Four clients, one reasoning-gym task family each (``configs/fedppo.yaml``'s). Every method trains ``rounds x
 local_steps`` PPO steps per client with the same seed; only the KL reference and the communication differ:
 
-* ``isolated``: self-preference 1.0 (the reference is the client's own snapshot, refreshed at each sync);
-* ``uniform``: own weight ``self_preference``, the peers share the rest (snapshot exchange);
-* ``score``: softmax of the peers' recent scores (snapshot exchange);
-* ``fedavg``: FedAvg of the LoRA adapters and value head, the reference is the synced global model;
-* ``uniform_logits``: ``uniform`` with TunePPO's logit exchange, run for ``logit_rounds`` rounds only: the same
-  computation (float32 on the wire), to measure its bytes.
+* ``isolated``: ``PeerMixture`` with self-preference 1.0 (the reference is the client's own snapshot, refreshed at
+  each sync; nothing is sent down);
+* ``uniform``: own weight ``self_preference``, the peers share the rest (their snapshots are sent down each round);
+* ``score``: softmax of the peers' last scores;
+* ``fedavg``: FedAvg of the LoRA adapters and value head, the reference is the synced global model.
+
+Every method's module has a ``PeerReference``.
 
 Held-out reward and accuracy (greedy) per client at round 0 and at the end; bytes per round down and up per client.
 Writes ``benchmarks/results/fedppo.json`` and ``fedppo.png`` and prints the table.
@@ -32,8 +33,8 @@ from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
 
-from fedrl_lightning.aggregation import FedAvg
-from fedrl_lightning.algorithms.fedppo.reference import PeerMixtureReference
+from fedrl_lightning.aggregation import Aggregator, FedAvg
+from fedrl_lightning.algorithms.fedppo import PeerMixture, PeerReference
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import PPOModule
 from fedrl_lightning.rewards import answer_tag_reward, reasoning_gym_reward
@@ -42,7 +43,7 @@ from fedrl_lightning.trainer import FederatedTrainer
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ("isolated", "uniform", "score", "fedavg", "uniform_logits")
+METHODS = ("isolated", "uniform", "score", "fedavg")
 TASKS = ["basic_arithmetic", "chain_sum", "gcd", "simple_equations"]
 TASK_KWARGS = {
     "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
@@ -52,20 +53,20 @@ TASK_KWARGS = {
 }
 
 
-def _callback(method: str, cfg: dict[str, Any]) -> PeerMixtureReference:
+def _aggregation(method: str, cfg: dict[str, Any]) -> Aggregator:
+    if method == "fedavg":
+        return FedAvg()
     if method == "isolated":
-        return PeerMixtureReference(self_preference=1.0)
+        return PeerMixture(self_preference=1.0)
     if method == "score":
-        return PeerMixtureReference(weighting="score", score_temperature=cfg["score_temperature"])
-    if method == "uniform_logits":
-        return PeerMixtureReference(self_preference=cfg["self_preference"], exchange="logit_exchange")
-    return PeerMixtureReference(self_preference=cfg["self_preference"])  # uniform; fedavg ignores the weights
+        return PeerMixture(weighting="score", score_temperature=cfg["score_temperature"])
+    return PeerMixture(self_preference=cfg["self_preference"])
 
 
 def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train one method on a fresh model; returns held-out metrics per evaluated round and bytes per round."""
     torch.manual_seed(cfg["seed"])
-    rounds = cfg["logit_rounds"] if method == "uniform_logits" else cfg["rounds"]
+    rounds = cfg["rounds"]
     data = FederatedData(
         tasks=TASKS,
         task_kwargs=TASK_KWARGS,
@@ -86,6 +87,7 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any
         max_completion_length=cfg["max_completion_length"],
         temperature=cfg["temperature"],
         kl_coef=cfg["kl_coef"],
+        peer_reference=PeerReference(),
         num_iterations=cfg["ppo_epochs"],
         num_mini_batches=cfg["num_mini_batches"],
         reward_funcs=[reasoning_gym_reward, answer_tag_reward],
@@ -95,14 +97,12 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any
     )
     run_dir = out_dir / f"fedppo_run/{method}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    logits_only = method == "uniform_logits"
     trainer = FederatedTrainer(
         num_rounds=rounds,
         local_steps=cfg["local_steps"],
-        aggregation=FedAvg() if method == "fedavg" else None,
-        callbacks=[_callback(method, cfg)],
+        aggregation=_aggregation(method, cfg),
         eval_every=0,
-        eval_before_training=not logits_only,
+        eval_before_training=True,
         eval_batch_size=cfg["eval_batch_size"],
         output_dir=str(run_dir),
         seed=cfg["seed"],
@@ -110,7 +110,7 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any
     start = time.perf_counter()
     trainer.fit(module, data, ckpt_path=None)
     evals = []
-    for h in trainer.history if not logits_only else []:  # one round of logit exchange is for its bytes
+    for h in trainer.history:
         if math.isfinite(h.get("eval/reward_mean", math.nan)):
             evals.append(
                 {
@@ -125,10 +125,6 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path) -> dict[str, Any
         "eval": evals,
         "bytes_per_client_round": {d: sum(t[d] for t in per_round) / (rounds * n) for d in ("down", "up")},
         "train_reward_last": trainer.history[-1].get("train/reward_mean", math.nan),
-        # the logit-exchange run must reproduce the snapshot-exchange run's first round exactly
-        "round1_kl": {
-            k: v for k, v in next(h for h in trainer.history if h["round"] == 1).items() if "objective/kl" in k
-        },
         "minutes": (time.perf_counter() - start) / 60,
     }
 
@@ -168,7 +164,6 @@ def main(
     methods: list[str] = list(METHODS),
     model: str = "embedded",
     rounds: int = 3,
-    logit_rounds: int = 1,
     local_steps: int = 2,
     prompts_per_step: int = 2,
     num_generations: int = 4,

@@ -15,9 +15,14 @@ two alternate under the same machine load. The first ``warmup`` steps of each (e
 are not counted.
 
 Loss check: at the first timed TRL step its ``_compute_loss`` inputs are captured (with seeded random advantages,
-so the loss is never trivially zero); our module, given TRL's adapter weights at that moment, computes per-token
-log-probs, the loss and its gradient on the adapter for the same prompt/completion ids and advantages. The
-log-prob and loss differences and the gradient's relative difference are printed and must be within ``tolerance``.
+so the loss is never trivially zero, and for ``beta > 0`` a seeded reference: the policy's log-probs plus N(0, 0.1²)
+noise, since after ``warmup`` steps the adapter is still so close to the base model that the real reference would
+make the KL term vanish). For every ``loss_type`` (grpo, bnpo, dr_grpo, dapo), ``beta`` in {0, 0.04} and
+``use_bias_correction_kl`` on and off, TRL's own ``_compute_loss`` (its ``loss_type``, ``beta`` and
+``args.use_bias_correction_kl`` set for the call) gives the loss and the adapter's gradient; our module, given TRL's
+adapter weights at that moment and the same settings, computes per-token log-probs, the loss and its gradient for
+the same prompt/completion ids, advantages and reference. The loss difference must be within ``loss_tolerance``, the
+log-prob difference and the gradient's relative difference within ``tolerance``.
 
 Our per-phase breakdown comes from the module's timers (generate, reward, old/ref log-probs, forward/backward,
 optimizer) plus the federated pieces measured here on the same adapter: a client state swap (adapter + AdamW
@@ -40,6 +45,7 @@ import torch
 from jsonargparse import CLI
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from fedrl_lightning.aggregation import ClientUpdate, FedAvg
 from fedrl_lightning.client import local_step
@@ -53,6 +59,8 @@ from fedrl_lightning.rollout import Rollout
 from fedrl_lightning.rollout.hf import HFRollout
 
 PHASES = ("generate", "reward", "old_ref_log_probs", "forward_backward", "optimizer")
+# (loss_type, beta, use_bias_correction_kl) of the loss check; at beta 0 the correction has no KL term to act on.
+LOSS_CASES = [(t, beta, c) for t in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04) for c in (True, False)]
 # One-digit sums: the base model solves about a quarter of them, so rewards differ within a group, advantages are
 # non-zero and the adapter (and with vLLM the engine's weights) changes every step, as in real training.
 TASK_KWARGS = {"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
@@ -81,15 +89,36 @@ def _peft_suffix(name: str) -> str:
     return name.split("base_model.model.", 1)[-1]
 
 
-def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl: dict[str, Any]) -> dict:
-    """Our log-probs, loss and adapter gradient on TRL's captured inputs, with TRL's adapter weights copied in.
+def _trl_losses(trainer: Any, compute_loss: Any, model: Any, probe: dict[str, Any]) -> dict[tuple, dict]:
+    """TRL's loss and adapter gradient on ``probe`` for every ``LOSS_CASES`` entry, its settings restored after."""
+    args, saved = trainer.args, (trainer.loss_type, trainer.beta, trainer.args.use_bias_correction_kl)
+    lora = {_peft_suffix(n): p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    out = {}
+    try:
+        for case in LOSS_CASES:
+            trainer.loss_type, trainer.beta, args.use_bias_correction_kl = case
+            loss = compute_loss(model, probe)
+            grads = dict(zip(lora, torch.autograd.grad(loss, list(lora.values()))))
+            out[case] = {"loss": float(loss.detach()), "grads": grads}
+    finally:
+        trainer.loss_type, trainer.beta, args.use_bias_correction_kl = saved
+    return out
+
+
+def _check_loss(
+    module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl_log_probs: Tensor, trl: dict[tuple, dict]
+) -> dict:
+    """Our log-probs, and per ``LOSS_CASES`` entry our loss and adapter gradient, on TRL's captured inputs with
+    TRL's adapter weights copied in; compared with TRL's (``trl`` from ``_trl_losses``).
 
     With one iteration the ratio is exactly 1, so the loss value alone barely depends on the model: the log-probs
     and the gradient are what show the two compute the same thing.
     """
     keep = module.trainable_state()
+    settings = (module.loss_type, module.beta, module.use_bias_correction_kl)
     theirs = {_peft_suffix(n): p.detach() for n, p in trl_model.named_parameters() if "lora_" in n}
     module.load_trainable_state({n: theirs[_peft_suffix(n)] for n in keep})
+    cases = []
     try:
         mask = inputs["completion_mask"]
         rollout = Rollout(
@@ -100,25 +129,42 @@ def _check_loss(module: GRPOModule, trl_model: Any, inputs: dict[str, Any], trl:
             torch.zeros(len(mask), dtype=torch.bool),
             [""] * len(mask),
         )
-        batch = GRPOBatch(rollout, inputs["advantages"].view(-1), mask, None, None, float(mask.sum()))
+        advantages = inputs["advantages"].view(-1)
         params = module.trainable_parameters()
-        log_probs, old = module.policy_log_probs(batch)  # one forward gives the log-probs and the loss
-        loss = module.policy_loss(batch, log_probs, old, batch.advantages)
-        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))  # leaves .grad untouched
+        batch = GRPOBatch(rollout, advantages, mask, None, None, float(mask.sum()))
+        log_probs, old = module.policy_log_probs(batch)  # one forward serves every case
+        for loss_type, beta, correction in LOSS_CASES:
+            module.loss_type, module.beta, module.use_bias_correction_kl = loss_type, beta, correction
+            ref = inputs["ref_per_token_logps"] if beta else None
+            batch = GRPOBatch(rollout, advantages, mask, None, ref, float(mask.sum()))
+            loss = module.policy_loss(batch, log_probs, old, advantages)
+            grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+            ours_g = torch.cat([grads[n].flatten() for n in sorted(grads)])
+            t = trl[(loss_type, beta, correction)]
+            trl_g = torch.cat([t["grads"][_peft_suffix(n)].flatten() for n in sorted(grads)])
+            cases.append(
+                {
+                    "loss_type": loss_type,
+                    "beta": beta,
+                    "use_bias_correction_kl": correction,
+                    "trl_loss": t["loss"],
+                    "our_loss": float(loss.detach()),
+                    "loss_abs_diff": abs(float(loss.detach()) - t["loss"]),
+                    "grad_rel_diff": float((ours_g - trl_g).norm() / trl_g.norm().clamp(min=1e-30)),
+                    "grad_norm": float(trl_g.norm()),
+                }
+            )
     finally:
         module.load_trainable_state(keep)
+        module.loss_type, module.beta, module.use_bias_correction_kl = settings
         module.tracker.compute_and_reset()
-    ours_g = torch.cat([grads[n].flatten() for n in sorted(grads)])
-    trl_g = torch.cat([trl["grads"][_peft_suffix(n)].flatten() for n in sorted(grads)])
     m = mask.bool()
     return {
-        "trl_loss": trl["loss"],
-        "our_loss": float(loss.detach()),
-        "loss_abs_diff": abs(float(loss.detach()) - trl["loss"]),
-        "log_prob_max_abs_diff": float((log_probs.detach()[m] - trl["log_probs"][m]).abs().max()),
-        "grad_rel_diff": float((ours_g - trl_g).norm() / trl_g.norm().clamp(min=1e-30)),
-        "grad_norm": float(trl_g.norm()),
+        "log_prob_max_abs_diff": float((log_probs.detach()[m] - trl_log_probs[m]).abs().max()),
         "tokens": int(m.sum()),
+        "loss_abs_diff": max(c["loss_abs_diff"] for c in cases),
+        "grad_rel_diff": max(c["grad_rel_diff"] for c in cases),
+        "cases": cases,
     }
 
 
@@ -159,10 +205,14 @@ def main(
     backend: Literal["hf", "vllm"] = "hf",
     clients: int = 4,
     tolerance: float = 1e-4,
+    loss_tolerance: float = 1e-6,
     seed: int = 0,
     out: str = "benchmarks/results/vs_trl.json",
 ) -> dict[str, Any]:
-    """Alternate ``warmup + steps`` TRL steps with as many of ours; print medians, ratio, phases, the loss check."""
+    """Alternate ``warmup + steps`` TRL steps with as many of ours; print medians, ratio, phases, the loss check.
+
+    ``tolerance`` bounds the log-prob difference and the gradient's relative difference, ``loss_tolerance`` the loss
+    difference of every case of the loss check."""
     trl = _trl()
     from datasets import Dataset
     from peft import LoraConfig
@@ -249,11 +299,10 @@ def main(
                 logps, _, _ = trainer._get_per_token_logps_and_entropies(
                     model, ids, att, probe["completion_ids"].size(1)
                 )
-            lora = {_peft_suffix(n): p for n, p in trainer.model.named_parameters() if p.requires_grad}
-            probe_loss = original(model, probe)
-            grads = dict(zip(lora, torch.autograd.grad(probe_loss, list(lora.values()))))
-            trl = {"loss": float(probe_loss.detach()), "log_probs": logps, "grads": grads}
-            check.update(_check_loss(module, trainer.model, probe, trl))
+            # A reference the KL term can see (see the module docstring); only read when beta > 0.
+            probe["ref_per_token_logps"] = logps + 0.1 * torch.randn(logps.shape, generator=gen)
+            trl_losses = _trl_losses(trainer, original, model, probe)
+            check.update(_check_loss(module, trainer.model, probe, logps, trl_losses))
         return loss
 
     trainer._compute_loss = capturing_compute_loss
@@ -317,15 +366,19 @@ def main(
         "loss_check": check,
         "steps": rows,
     }
-    _print(result, tolerance)
+    _print(result, tolerance, loss_tolerance)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
-    if not check or max(check["loss_abs_diff"], check["log_prob_max_abs_diff"], check["grad_rel_diff"]) > tolerance:
-        raise SystemExit(f"loss check failed (tolerance {tolerance}): {check}")
+    if (
+        not check
+        or check["loss_abs_diff"] > loss_tolerance
+        or max(check["log_prob_max_abs_diff"], check["grad_rel_diff"]) > tolerance
+    ):
+        raise SystemExit(f"loss check failed (tolerance {tolerance}, loss tolerance {loss_tolerance}): {check}")
     return result
 
 
-def _print(result: dict[str, Any], tolerance: float) -> None:
+def _print(result: dict[str, Any], tolerance: float, loss_tolerance: float) -> None:
     med, cfg = result["median"], result["config"]
     console = Console(width=140)
     work = (
@@ -356,12 +409,24 @@ def _print(result: dict[str, Any], tolerance: float) -> None:
     )
     c = result["loss_check"]
     if c:
+        cases = Table(title="loss check on TRL's captured inputs: TRL's _compute_loss vs our GRPOModule.policy_loss")
+        for col in ("loss_type", "beta", "bias-corrected KL", "TRL loss", "our loss", "|diff|", "grad rel diff"):
+            cases.add_column(col, justify="right")
+        for row in c["cases"]:
+            cases.add_row(
+                row["loss_type"],
+                f"{row['beta']:g}",
+                "on" if row["use_bias_correction_kl"] else "off",
+                f"{row['trl_loss']:.8f}",
+                f"{row['our_loss']:.8f}",
+                f"{row['loss_abs_diff']:.1e}",
+                f"{row['grad_rel_diff']:.1e}",
+            )
+        console.print(cases)
         console.print(
-            f"loss on TRL's inputs: TRL {c['trl_loss']:.6f}, ours {c['our_loss']:.6f} "
-            f"(|diff| {c['loss_abs_diff']:.2e}); "
             f"per-token log-probs max |diff| {c['log_prob_max_abs_diff']:.2e} over {c['tokens']} tokens; "
-            f"adapter gradient relative difference {c['grad_rel_diff']:.2e} (|g| {c['grad_norm']:.3g}) "
-            f"(tolerance {tolerance})"
+            f"max loss |diff| {c['loss_abs_diff']:.2e} (tolerance {loss_tolerance}); "
+            f"max adapter gradient relative difference {c['grad_rel_diff']:.2e} (tolerance {tolerance})"
         )
 
 

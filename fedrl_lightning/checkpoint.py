@@ -69,9 +69,22 @@ def round_path(directory: Path, round_idx: int) -> Path:
     return directory / f"{_PREFIX}{round_idx:06d}"
 
 
-def save(directory: Path, round_idx: int, fabric: Fabric, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``state`` (stateful objects and plain values) as round ``round_idx`` atomically; keep the newest
-    ``keep`` rounds. Every rank calls it (``fabric.save`` synchronises them); rank 0 writes. Returns the directory."""
+def save(
+    directory: Path,
+    round_idx: int,
+    fabric: Fabric,
+    state: dict[str, Any],
+    prune: list[Path] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` (stateful objects and plain values) as round ``round_idx`` atomically, then delete the
+    checkpoints listed in ``prune`` (only ever ones this run wrote). ``meta`` (JSON) goes into the manifest. Every
+    rank calls it (``fabric.save`` synchronises them); rank 0 writes. Returns the directory.
+
+    Raises:
+        OSError: the disk is full or the directory unwritable (the temporary directory is removed; nothing else
+            changes).
+    """
     final = round_path(directory, round_idx)
     tmp = directory / f".tmp-{_PREFIX}{round_idx:06d}"
     writer = fabric.is_global_zero
@@ -79,19 +92,31 @@ def save(directory: Path, round_idx: int, fabric: Fabric, state: dict[str, Any],
         directory.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    fabric.save(tmp / "state.pt", state)
+    try:
+        fabric.save(tmp / "state.pt", state)
+        if writer:
+            _fsync(tmp / "state.pt")
+            manifest = {"version": VERSION, "round": round_idx, "sha256": _sha256(tmp / "state.pt"), **(meta or {})}
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+            _fsync(tmp / "manifest.json")
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as RuntimeError("... iostream error")
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = f"{err}; is the disk full or the directory unwritable?"
+        raise OSError(f"could not write checkpoint {final} ({reason})") from err
     if writer:
-        _fsync(tmp / "state.pt")
-        manifest = {"version": VERSION, "round": round_idx, "sha256": _sha256(tmp / "state.pt")}
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        _fsync(tmp / "manifest.json")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync(directory)
-        for old in sorted(directory.glob(f"{_PREFIX}*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in prune or []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     fabric.barrier()
     return final
+
+
+def manifest(path: Path) -> dict[str, Any]:
+    """A checkpoint's manifest (round, hash, and what the run stored with it, e.g. its settings)."""
+    return json.loads((path / "manifest.json").read_text())
 
 
 def is_valid(path: Path) -> bool:

@@ -7,13 +7,19 @@ jsonargparse class arguments instead; everything else (``-c``, ``--print_config`
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import re
+import sys
+import warnings
 from typing import Any
 
+import yaml
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fedrl_lightning import rundir
 from fedrl_lightning.data import FederatedData
+from fedrl_lightning.errors import EXIT_STOPPED, EXIT_USAGE
 from fedrl_lightning.modules.policy import PolicyModule
 from fedrl_lightning.trainer import FederatedTrainer
 
@@ -37,7 +43,8 @@ class FedRLCLI(LightningCLI):
             seed_everything_default=False,
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
-            parser_kwargs={"fit": {"default_config_files": []}},
+            # allow_abbrev=False: ``--trainer.num_round 3`` is an error, not silently ``num_rounds``.
+            parser_kwargs={"fit": {"default_config_files": []}, "allow_abbrev": False},
             args=args,
             run=run,
         )
@@ -58,19 +65,69 @@ class FedRLCLI(LightningCLI):
         return self._get(self.config_init, "trainer")
 
     def before_fit(self) -> None:
-        """Save the resolved config beside the run's outputs."""
-        out = Path(self.trainer.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        parser = self._parser("fit")
-        (out / "config.yaml").write_text(parser.dump(self.config["fit"], skip_none=False))
+        """Hand the trainer the resolved config: it is written to ``config.yaml`` once the output directory is the
+        run's (locked, resume allowed), and its settings are stored with each checkpoint."""
+        text = self._parser("fit").dump(self.config["fit"], skip_none=False)
+        self.trainer.config_yaml = text
+        self.trainer.settings = rundir.settings(yaml.safe_load(text))
 
     def fit(self, model: PolicyModule, datamodule: FederatedData, ckpt_path: str | None = "last", **_: Any) -> None:
         self.trainer.fit(model, datamodule, ckpt_path=ckpt_path)
 
 
-def main(args: Any = None) -> None:
-    """Console entry point ``fedrl``."""
-    FedRLCLI(args=args)
+# Errors a user fixes in their input: printed in a line or two, no traceback, exit 2. A bug elsewhere keeps its
+# traceback. UnicodeDecodeError and json's errors are ValueErrors; a full disk or an unwritable path are OSErrors.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+_WRAPPED_CLASS = re.compile(r"class_path='([\w.]+)'")
+
+
+def _raised_by_parser(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}jsonargparse{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def describe(err: BaseException) -> str:
+    """The user's error in one or two lines: the innermost cause, prefixed by the class being built, if any."""
+    chain = [err]
+    while True:
+        last = chain[-1]
+        nxt = last.__cause__ or (None if last.__suppress_context__ else last.__context__)
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    # The outermost error raised outside the parser: jsonargparse wraps a class's error in its own, while a
+    # project error may wrap a library's (a JSON decode error inside "file: line 2: invalid JSON").
+    innermost = next((e for e in chain if isinstance(e, USER_ERRORS) and not _raised_by_parser(e)), chain[-1])
+    where = next((m.group(1) for e in chain if (m := _WRAPPED_CLASS.search(str(e)))), None)
+    message = str(innermost).strip() or type(innermost).__name__
+    if isinstance(innermost, OSError) and innermost.filename and str(innermost.filename) not in message:
+        message = f"{message}: {innermost.filename}"
+    return f"{where.rsplit('.', 1)[-1]}: {message}" if where and where not in message else message
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point ``fedrl``. Exit codes: 0 all rounds done, 2 bad input (one line, ``--debug`` or
+    ``FEDRL_DEBUG=1`` for the traceback), 3 the federation stopped early (its last checkpoint stays)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("FEDRL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when also given args)
+        sys.argv[1:] = argv
+    else:  # called from Python with its own arguments, as LightningCLI's warning suggests
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    try:
+        cli = FedRLCLI(args=None if args is None else argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"fedrl: error: {describe(err)}", file=sys.stderr)
+        print("fedrl: (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    trainer = getattr(cli, "trainer", None)
+    if getattr(trainer, "stopped", None):
+        sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

@@ -52,13 +52,22 @@ class Downlink:
 
     Attributes:
         round_idx: the round (1-based).
-        global_state: the global adapter; None = local-only training (the client starts from its own adapter).
-        objective: the aggregator's client-side tensors (``Aggregator.downlink``, e.g. SCAFFOLD's c).
+        global_state: the global adapter; None = the client starts from its own adapter (local-only training, or a
+            personalized aggregator's round).
+        objective: the aggregator's client-side tensors: ``Aggregator.downlink`` (e.g. SCAFFOLD's c, the same for
+            every client) or a personalized aggregator's ``client_downlink`` (this client's own).
+        personal: a personalized aggregator's round: no global adapter, but the client's adapter goes up at the end.
     """
 
     round_idx: int
     global_state: dict[str, Tensor] | None
     objective: dict[str, Tensor] = field(default_factory=dict)
+    personal: bool = False
+
+    @property
+    def uploads(self) -> bool:
+        """Whether the round's update leaves the client (False only for local-only training)."""
+        return self.global_state is not None or self.personal
 
 
 @contextmanager
@@ -140,9 +149,9 @@ def evaluate(
         rollout = backend.generate(module, [ex["prompt"] for ex in chunk], params)
         prompts, columns = expand_columns(chunk, 1)
         completions = [[{"role": "assistant", "content": c}] for c in rollout.completions]
-        acc, _ = compute_rewards([module.accuracy_func], prompts, completions, columns)
+        acc, _ = compute_rewards([module.accuracy_func], prompts, completions, columns, module.reward_timeout)
         correct.append((acc[:, 0] >= 1.0).float())
-        per_func, _ = compute_rewards(module.reward_funcs, prompts, completions, columns)
+        per_func, _ = compute_rewards(module.reward_funcs, prompts, completions, columns, module.reward_timeout)
         rewards.append(weighted_reward_sum(per_func, module.reward_weights))
     if not correct:
         return {}
@@ -247,8 +256,9 @@ class Client:
         """Client ``cid``'s round from ``down``: swap in, local steps, checks, ``uplink``, swap out.
 
         ``uplink`` (the transport's send, which may reject the update) runs before the client's state is stored, so
-        a round that fails anywhere leaves the stored state as it was. Without a global adapter (local-only) the
-        update's tensors are views of the client's stored adapter, valid until its next round.
+        a round that fails anywhere leaves the stored state as it was. In local-only training the update's tensors
+        are views of the client's stored adapter, valid until its next round. The module's ``begin_round`` gets
+        ``down.objective`` once the start state is loaded; its ``end_round`` runs when the local steps end.
 
         Raises:
             ClientFault: the round timed out or the update is non-finite or too far from where it started.
@@ -277,9 +287,12 @@ class Client:
                 raise ClientFault(f"timed out after {elapsed:.1f} s (client_timeout={self.client_timeout})")
 
         train_start = time.perf_counter()
-        prompts, tokens, metrics = run_steps(
-            self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step, objective
-        )
+        steps = (self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step)
+        module.begin_round(down.objective)
+        try:
+            prompts, tokens, metrics = run_steps(*steps, objective)
+        finally:
+            module.end_round()
         train_end = time.perf_counter()
         extra = objective.finish(module.trainable_parameters(), metrics) if objective is not None else {}
         adapter = module.trainable_state()
@@ -293,7 +306,7 @@ class Client:
             update = uplink(update)
         client_extra["module"] = module.client_state()
         self._store(cid, sampler, client_extra, adapter if down.global_state is None else None)
-        if down.global_state is None:
+        if not down.uploads:
             # Local-only: the update is the stored adapter itself (views of the client's row, no second copy held
             # until the round ends). It is valid until the client's next round rewrites the row: clone to keep it.
             update.state = self.bank.read("adapter", cid)

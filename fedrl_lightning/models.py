@@ -103,8 +103,11 @@ def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
 def _check_local(name: str) -> None:
     """Fail fast with a clear message: there is no hub here, only local paths and the local HF cache."""
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
-    if looks_like_path and not Path(name).expanduser().exists():
+    path = Path(name).expanduser()
+    if looks_like_path and not path.exists():
         raise FileNotFoundError(f"model path {name!r} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {name!r} is a directory without config.json: not a Hugging Face model")
 
 
 def load_tokenizer(name: str, cache_dir: str | Path | None = None):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedrl_lightning.data import FederatedData
     from fedrl_lightning.modules.policy import PolicyModule
     from fedrl_lightning.trainer import FederatedTrainer
 
-from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -18,10 +22,81 @@ from rich.table import Table
 
 def run_loggers(output_dir: str | Path) -> list[Logger]:
     """A run's loggers: ``metrics.csv`` and TensorBoard logs under ``output_dir``."""
-    return [
-        CSVLogger(str(output_dir), name="", version=""),
-        TensorBoardLogger(str(output_dir), name="tensorboard", version=""),
-    ]
+    return [MetricsCSV(output_dir), TensorBoardLogger(str(output_dir), name="tensorboard", version="")]
+
+
+class MetricsCSV(Logger):
+    """``metrics.csv``, one row per round (``step``), appended to and never deleted.
+
+    Lightning's CSV logger deletes an existing file when it starts, so a resumed run would rely on replaying every
+    earlier row. Here a resume calls ``resume(history)``: rows of the checkpointed rounds stay as they are; rows of
+    rounds after the checkpoint (their checkpoint never landed, they run again) are dropped; rows missing from the
+    file are restored from the history. A file that already matches is not touched.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        super().__init__()
+        self.path = Path(output_dir) / "metrics.csv"
+        self._pending: list[dict[str, Any]] = []
+
+    @property
+    def name(self) -> str:
+        return "metrics.csv"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Hyperparameters live in ``config.yaml`` beside the file."""
+
+    @rank_zero_only  # every rank logs the same rounds; one writes
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._pending.append({**{k: float(v) for k, v in metrics.items()}, "step": step})
+
+    @rank_zero_only  # every rank logs the same rounds; one writes
+    def save(self) -> None:
+        if not self._pending:
+            return
+        header, rows = self._read()
+        keys = sorted(set(header) | {k for row in self._pending for k in row})
+        if keys != header:  # a new column: rewrite the file with the wider header (rows keep their values)
+            self._write(keys, rows + self._pending)
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=keys).writerows(self._pending)
+        self._pending = []
+
+    @rank_zero_only  # every rank logs the same rounds; one writes
+    def resume(self, history: list[Mapping[str, Any]]) -> None:
+        """Make the file hold exactly the checkpointed rounds' rows, keeping the rows already written for them."""
+        header, rows = self._read()
+        done = {int(h["round"]): h for h in history}
+        kept = [row for row in rows if row.get("step") not in (None, "") and int(float(row["step"])) in done]
+        have = {int(float(row["step"])) for row in kept}
+        missing = [
+            {**{k: v for k, v in h.items() if k != "round"}, "step": r} for r, h in done.items() if r not in have
+        ]
+        if len(kept) == len(rows) and not missing:
+            return
+        keys = sorted(set(header) | {k for row in missing for k in row})
+        self._write(keys, sorted(kept + missing, key=lambda row: int(float(row["step"]))))
+
+    def _read(self) -> tuple[list[str], list[dict[str, Any]]]:
+        if not self.path.is_file():
+            return [], []
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _write(self, keys: list[str], rows: list[Mapping[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
 
 
 def progress_bar(console: Console | None) -> Progress:

@@ -3,7 +3,7 @@
 ``Server.fit`` is the only round loop of the project. It reaches the clients through a ``Transport``: the
 in-process one calls ``Client.run_round`` directly, sharded over Fabric ranks (``fedrl_lightning.transport``), the
 Flower one sends messages to SuperNodes (``fedrl_lightning.flower.transport``). The server never knows which: it
-selects among the transport's participants, sends them a ``Downlink``, receives ``Reply`` objects, aggregates the
+selects among the transport's participants, sends each its ``Downlink``, receives ``Reply`` objects, aggregates the
 good ones in the order the transport returns them, retries a round short of ``min_clients`` and checkpoints itself
 and the transport's state (the in-process client states) through Fabric after every round.
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import Tensor
 
-from fedrl_lightning import checkpoint, reporting
+from fedrl_lightning import checkpoint, reporting, rundir
 from fedrl_lightning.aggregation.base import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import fire, state_key
 from fedrl_lightning.client import Downlink
@@ -60,8 +61,11 @@ class Transport(Protocol):
         """The ids the selector chooses a round's participants from."""
         ...
 
-    def train(self, down: Downlink, ids: list[int], progress: Progress | None = None) -> list[Reply]:
-        """Run the round on ``ids``; the replies of the successful clients in a fixed order, failures anywhere."""
+    def train(
+        self, round_idx: int, downlink: Callable[[int], Downlink], ids: list[int], progress: Progress | None = None
+    ) -> list[Reply]:
+        """Run round ``round_idx`` on ``ids``, client ``c`` receiving ``downlink(c)``; the replies of the successful
+        clients in a fixed order, failures anywhere."""
         ...
 
     def evaluate(self, round_idx: int, global_state: dict[str, Tensor] | None) -> dict[str, float]:
@@ -153,6 +157,9 @@ class Server:
         self.round_idx = 0
         self.stopped: str | None = None
         self.last_checkpoint: Path | None = None  # the state the next round starts from, for a retry
+        self.settings: dict[str, Any] | None = None  # the run's settings, stored with each checkpoint (see rundir)
+        self.finished_before = False  # the checkpoint resumed from had completed every round already
+        self._written: list[Path] = []  # the checkpoints this run wrote (or resumed from): the only ones it prunes
 
     def _fire(self, hook: str, **kwargs: Any) -> None:
         fire(self.callbacks, hook, **{**self.hook_context, "server": self, **kwargs})
@@ -170,6 +177,9 @@ class Server:
         """
         self.global_state = dict(initial_state)
         self.resume(transport, ckpt_path)
+        if self.round_idx and self.round_idx >= self.num_rounds:  # a rerun of a finished run changes nothing
+            self.finished_before = True
+            return self.history[-1] if self.history else {}
         self._fire("on_fit_start", round_idx=self.round_idx)
         if self.round_idx == 0 and self.eval_before_training:
             self._log(0, self.evaluate(0, transport))
@@ -187,8 +197,8 @@ class Server:
                 self._log(r, metrics)
                 if self.console is not None:
                     reporting.print_round(self.console, r, self.num_rounds, metrics)
-                self.save_checkpoint(transport)
                 self._fire("on_round_end", round_idx=r, metrics=metrics)
+                self.save_checkpoint(transport)  # after on_round_end: what callbacks did with the round is in it
                 bar.update(task, advance=1)
         self._fire("on_fit_end")
         return self.history[-1] if self.history else {}
@@ -211,7 +221,7 @@ class Server:
         round_start = time.perf_counter()
         metrics: dict[str, float] = {}
         updates: list[ClientUpdate] = []
-        for reply in transport.train(self.downlink(r), ids, bar):
+        for reply in transport.train(r, partial(self.downlink, r), ids, bar):
             if reply.update is not None:
                 self._fire("on_client_end", round_idx=r, client_id=reply.update.client_id, update=reply.update)
                 updates.append(reply.update)
@@ -241,12 +251,19 @@ class Server:
         if len(updates) < min(self.min_clients, len(ids)):
             raise TooFewClients(f"{len(updates)} of {len(ids)} clients replied, min_clients={self.min_clients}", ids)
 
-    def downlink(self, r: int) -> Downlink:
-        """What every client of round ``r`` receives: the global adapter and the aggregator's client-side tensors;
-        nothing for local-only training."""
+    def downlink(self, r: int, client_id: int) -> Downlink:
+        """What ``client_id`` receives for round ``r``: the global adapter and the aggregator's client-side tensors
+        (the same for every client); a personalized aggregator's tensors for this client alone; nothing for
+        local-only training."""
         if self.aggregation is None:
             return Downlink(r, None)
+        if self.aggregation.personalized:
+            return Downlink(r, None, self.aggregation.client_downlink(client_id, r, self.num_rounds), personal=True)
         return Downlink(r, self.global_state, self.aggregation.downlink(self.global_state))
+
+    def shared_state(self) -> dict[str, Tensor] | None:
+        """The global adapter, which every client deploys; None when each keeps its own (local-only, personalized)."""
+        return None if self.aggregation is None or self.aggregation.personalized else self.global_state
 
     def aggregate(self, r: int, updates: list[ClientUpdate]) -> dict[str, float]:
         """The server's step: ``on_before_aggregate``, the aggregator, ``on_after_aggregate``; returns metrics."""
@@ -259,7 +276,7 @@ class Server:
 
     def evaluate(self, r: int, transport: Transport) -> dict[str, float]:
         """Every client's held-out metrics under the adapter it would deploy, and their means."""
-        metrics = with_means(transport.evaluate(r, self.global_state if self.aggregation is not None else None))
+        metrics = with_means(transport.evaluate(r, self.shared_state()))
         self._fire("on_evaluate_end", round_idx=r, metrics=metrics)
         return metrics
 
@@ -274,19 +291,34 @@ class Server:
         if self.checkpoint_dir is None:
             return
         state = {"server": self, "clients": transport}
+        final = checkpoint.round_path(self.checkpoint_dir, self.round_idx)
+        mine = [p for p in self._written if p != final] + [final]
+        meta = {"settings": self.settings} if self.settings is not None else None
         self.last_checkpoint = checkpoint.save(
-            self.checkpoint_dir, self.round_idx, self.fabric, state, self.keep_checkpoints
+            self.checkpoint_dir, self.round_idx, self.fabric, state, mine[: -self.keep_checkpoints], meta
         )
+        self._written = mine[-self.keep_checkpoints :]
+        if self.fabric.is_global_zero:
+            size = sum(f.stat().st_size for f in final.iterdir())
+            log.info("round %d checkpoint: %s, %.2f MB", self.round_idx, final, size / 1e6)
+
+    def plan_resume(self, ckpt_path: str | None) -> Path | None:
+        """The checkpoint ``fit(ckpt_path)`` would resume from, once the run may use it (``rundir.resume_point``)."""
+        if self.checkpoint_dir is None:
+            return None
+        return rundir.resume_point(self.checkpoint_dir, ckpt_path, self.settings)
 
     def resume(self, transport: Transport, ckpt_path: str | None) -> None:
-        """Continue from a checkpoint (``ckpt_path`` as in ``fit``); replays the history into the loggers."""
-        path = checkpoint.resolve(ckpt_path, self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        """Continue from a checkpoint (``ckpt_path`` as in ``fit``); loggers keep the rows of its rounds."""
+        path = self.plan_resume(ckpt_path)
         if path is None:
             return
         checkpoint.load(path, self.fabric, {"server": self, "clients": transport})
         self.last_checkpoint = path
-        for row in self.history:  # loggers rewrite their files from what they have seen: replay the earlier rounds
-            self._to_loggers(int(row["round"]), row)
+        self._written = rundir.lineage(self.checkpoint_dir, path)
+        for logger in self.loggers:
+            if callable(getattr(logger, "resume", None)):
+                logger.resume(self.history)
         self._say(f"Resuming from {path} after round {self.round_idx}")
 
     def state_dict(self) -> dict[str, Any]:

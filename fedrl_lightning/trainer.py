@@ -8,7 +8,6 @@ outputs. ``num_clients: 1`` is plain centralized GRPO; ``aggregation: null`` is 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from lightning.fabric.strategies import Strategy
 from rich.console import Console
 from torch import Tensor
 
-from fedrl_lightning import checkpoint, ranks, reporting
+from fedrl_lightning import checkpoint, ranks, reporting, rundir
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
 from fedrl_lightning.client import Client, ClientFault
@@ -30,10 +29,6 @@ from fedrl_lightning.rollout.hf import HFRollout
 from fedrl_lightning.selection import UniformSelector
 from fedrl_lightning.server import Server
 from fedrl_lightning.transport import InProcessTransport
-
-# The run directory holds config.yaml and checkpoints beside metrics.csv by design, and a resume replays the
-# history into a fresh metrics.csv: Lightning's "directory exists and is not empty" warning says nothing here.
-warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 __all__ = ["ClientFault", "FederatedTrainer"]
 
@@ -118,6 +113,10 @@ class FederatedTrainer:
     ) -> None:
         if num_rounds < 1 or local_steps < 1:
             raise ValueError(f"num_rounds and local_steps must be >= 1, got {num_rounds} and {local_steps}")
+        if eval_batch_size < 1 or keep_checkpoints < 1:
+            raise ValueError(
+                f"eval_batch_size and keep_checkpoints must be >= 1, got {eval_batch_size} and {keep_checkpoints}"
+            )
         if min_clients < 1 or round_retries < 0:
             raise ValueError(f"min_clients must be >= 1 and round_retries >= 0, got {min_clients}, {round_retries}")
         self.num_rounds, self.local_steps, self.aggregation = num_rounds, local_steps, aggregation
@@ -159,6 +158,8 @@ class FederatedTrainer:
         self.client: Client | None = None
         self.transport: InProcessTransport | None = None
         self.console = Console(stderr=True)
+        self.config_yaml: str | None = None  # the CLI's resolved config, written once the output_dir is ours
+        self._lock = rundir.RunLock(self.output_dir)
 
     # -- the run -----------------------------------------------------------------------------------------------
 
@@ -173,17 +174,36 @@ class FederatedTrainer:
             ckpt_path: ``last`` resumes from the newest valid checkpoint in ``output_dir`` if there is one (a torn
                 checkpoint is skipped); a checkpoint directory resumes from it; null starts over.
         """
-        self.setup(module, data)
-        if self.progress:
-            reporting.print_plan(self.console, self, module, data)
-        self.server.fit(self.transport, self.client.initial_adapter, ckpt_path)
-        self._write_outputs()
+        try:
+            self.setup(module, data, ckpt_path)
+            if self.progress:
+                reporting.print_plan(self.console, self, module, data)
+            self.server.fit(self.transport, self.client.initial_adapter, ckpt_path)
+            self._write_outputs()
+        finally:
+            self._lock.release()
         return self.history[-1] if self.history else {}
 
-    def setup(self, module: PolicyGradientModule, data: FederatedData) -> None:
-        """Launch the processes, set up ``module`` and its optimizer and the data, and build client and transport."""
+    @property
+    def settings(self) -> dict | None:
+        """The run's settings (dotted keys, without those a resume may change) stored with each checkpoint: a
+        resume with different ones is refused. The CLI sets them from the resolved config; None = not checked."""
+        return self.server.settings
+
+    @settings.setter
+    def settings(self, value: dict | None) -> None:
+        self.server.settings = value
+
+    def setup(self, module: PolicyGradientModule, data: FederatedData, ckpt_path: str | None = "last") -> None:
+        """Launch the processes, take the output directory (lock, resume check, ``config.yaml``), set up ``module``
+        and its optimizer and the data, and build client and transport."""
         fabric = self.fabric
         fabric.launch()
+        if fabric.is_global_zero:
+            self._lock.acquire()  # before anything is written: a second run into this directory stops here
+        self.server.plan_resume(ckpt_path)  # a refused resume fails before any model work
+        if fabric.is_global_zero and self.config_yaml is not None:
+            (self.output_dir / "config.yaml").write_text(self.config_yaml)
         fabric.seed_everything(self.seed)
         self.progress = self.progress and fabric.is_global_zero
         if not ranks.same_on_all_ranks(module.trainable_state(), fabric.world_size):
@@ -213,7 +233,7 @@ class FederatedTrainer:
         Raises:
             ClientFault: the client failed (its stored state is unchanged then).
         """
-        reply = self.transport.train(self.server.downlink(round_idx), [client_id])[0]
+        reply = self.transport.train(round_idx, lambda cid: self.server.downlink(round_idx, cid), [client_id])[0]
         if reply.update is None:
             raise ClientFault(reply.error)
         return reply.update
@@ -261,10 +281,24 @@ class FederatedTrainer:
     # -- outputs -----------------------------------------------------------------------------------------------
 
     def _write_outputs(self) -> None:
+        """The final adapter(s), the plot and the summary; nothing from a run that completed no round (or had
+        completed every round before this call): the last checkpoint is what there is."""
         if not self.fabric.is_global_zero:
             return
+        if self.server.finished_before:
+            self.console.print(
+                f"already finished at round {self.round_idx} (num_rounds {self.num_rounds}): nothing to do; outputs "
+                f"in {self.output_dir} (raise --trainer.num_rounds to continue it)"
+            )
+            return
+        if self.stopped and not self.progress:  # with progress on, the server has said it already
+            where = f"round {self.round_idx} of {self.num_rounds}"
+            self.console.print(f"[bold red]stopped after {where}:[/] {self.stopped}")
+        if self.round_idx == 0:
+            self.console.print(f"[bold red]no round completed: no adapter written[/] (outputs in {self.output_dir})")
+            return
         module = self.client.module
-        if self.aggregation is not None:
+        if self.server.shared_state() is not None:
             module.save_adapter(self.output_dir / "adapter", self.global_state)
             if self.save_merged:
                 module.save_merged(self.output_dir / "merged", self.global_state)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,26 @@ class InProcessTransport:
     def participants(self) -> list[int]:
         return self.client.data.client_ids()
 
-    def train(self, down: Downlink, ids: list[int], progress: Progress | None = None) -> list[Reply]:
-        """This rank's share of ``ids``; every rank returns every reply, in ``ids``' order."""
+    def train(
+        self, round_idx: int, downlink: Callable[[int], Downlink], ids: list[int], progress: Progress | None = None
+    ) -> list[Reply]:
+        """This rank's share of ``ids`` (client ``c`` receives ``downlink(c)``); every rank returns every reply, in
+        ``ids``' order."""
         rank, world = self.fabric.global_rank, self.fabric.world_size
         mine = ranks.shard(ids, rank, world)
         swap_before, self._channel_seconds = self.client.swap_seconds, 0.0
         results: dict[int, ClientUpdate | str] = {}
-        task = progress.add_task(f"round {down.round_idx} clients", total=len(mine)) if progress else None
+        task = progress.add_task(f"round {round_idx} clients", total=len(mine)) if progress else None
         for cid in mine:
+            down = downlink(cid)  # the server's side: an error there is not the client's
             try:
                 results[cid] = self._run(cid, down)
+            except StopFederation:  # a client that finds the run itself broken (e.g. a reward failing everywhere)
+                raise
             except Exception as err:  # a client failing must not take the federation down
                 log.warning(
                     "round %d: client %d dropped: %s",
-                    down.round_idx,
+                    round_idx,
                     cid,
                     err,
                     exc_info=not isinstance(err, ClientFault),
@@ -75,7 +82,7 @@ class InProcessTransport:
         if progress is not None:
             progress.remove_task(task)
         self.overhead = self.client.swap_seconds - swap_before + self._channel_seconds
-        ordered = self._gather(down.round_idx, ids, mine, results) if world > 1 else [(c, results[c]) for c in ids]
+        ordered = self._gather(round_idx, ids, mine, results) if world > 1 else [(c, results[c]) for c in ids]
         return [
             Reply(f"client{cid}", result) if isinstance(result, ClientUpdate) else Reply(f"client{cid}", None, result)
             for cid, result in ordered
@@ -84,13 +91,13 @@ class InProcessTransport:
     def _run(self, cid: int, down: Downlink) -> ClientUpdate:
         """One client's round with everything it receives and sends going through the channel."""
         r, start = down.round_idx, time.perf_counter()
-        if down.global_state is not None:
-            sent = self.comm.send_down(r, cid, down.global_state)
-            down = Downlink(r, sent, self.comm.send_down(r, cid, down.objective))
+        if down.uploads:  # local-only training sends nothing either way
+            sent = self.comm.send_down(r, cid, down.global_state) if down.global_state is not None else None
+            down = replace(down, global_state=sent, objective=self.comm.send_down(r, cid, down.objective))
         self._channel_seconds += time.perf_counter() - start
 
         def uplink(update: ClientUpdate) -> ClientUpdate:
-            if down.global_state is None:  # local-only: nothing leaves the client
+            if not down.uploads:
                 return update
             start = time.perf_counter()
             update.state = self.comm.send_up(r, cid, update.state)  # rejects NaN/Inf

@@ -76,10 +76,11 @@ def test_fedavgm_without_momentum_is_fedavg_and_keeps_dtype():
 
 # ------------------------------------------------------------------------------------ FedAdagrad / FedAdam / FedYogi
 
-# Shared hand example: eta=1, beta_1=0.5, beta_2=0.75, tau=0.5, v_0=0 (initial_v=0.0).
+# Shared hand example: eta=1, beta_1=0.5, beta_2=0.75, tau=0.5, v_0=0 (initial_v=0.0), Reddi et al.'s formulas (no
+# bias correction unless asked).
 # Round 1: client deltas [2, -2] (3 prompts) and [10, -10] (1 prompt): Δ̄ = 0.75*2 + 0.25*10 = 4 (and -4).
 # Round 2: one client with delta [1, -1]: Δ̄ = 1 (and -1).
-HAND = dict(eta=1.0, beta_1=0.5, tau=0.5, initial_v=0.0)
+HAND = dict(eta=1.0, beta_1=0.5, tau=0.5, initial_v=0.0, convention="reddi")
 
 
 def _two_rounds(agg):
@@ -111,7 +112,7 @@ def test_fedyogi_by_hand():
 
 
 def test_fedadagrad_by_hand():
-    x1, x2 = _two_rounds(FedAdagrad(eta=1.0, tau=0.5, initial_v=0.0))  # beta_1 = 0 (Flower): m = Δ̄
+    x1, x2 = _two_rounds(FedAdagrad(eta=1.0, tau=0.5))  # Flower: beta_1 = 0 so m = Δ̄; v_0 = 0
     # Round 1: m = 4; v = 0 + 16 = 16; x1 = 4 / (4 + 0.5) = 8/9.
     close(x1, [8 / 9, -8 / 9])
     # Round 2: m = 1; v = 16 + 1 = 17; x2 = 8/9 + 1 / (sqrt(17) + 0.5) ≈ 1.105194.
@@ -129,15 +130,48 @@ def test_fedadam_bias_correction_by_hand():
     close(x2, [0.8 + step, -0.8 - step])
 
 
+def test_fedadam_flower_bias_correction_is_one_step_ahead_by_hand():
+    x1, x2 = _two_rounds(FedAdam(beta_2=0.75, **{**HAND, "convention": "flower"}))
+    # Flower's exponent is server_round + 1: round 1 uses 2, round 2 uses 3.
+    eta_1 = math.sqrt(1 - 0.75**2) / (1 - 0.5**2)  # ≈ 0.881917
+    close(x1, [eta_1 * 0.8, -eta_1 * 0.8])  # m = 2, v = 4 as in test_fedadam_by_hand
+    eta_2 = math.sqrt(1 - 0.75**3) / (1 - 0.5**3)
+    step = eta_2 * 1.5 / (math.sqrt(3.25) + 0.5)
+    close(x2, [eta_1 * 0.8 + step, -eta_1 * 0.8 - step])
+
+
 def test_fedadam_flower_defaults_one_round():
-    agg = FedAdam()  # eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, v_0 = tau**2
-    assert (agg.eta, agg.beta_1, agg.beta_2, agg.tau, agg.initial_v) == (0.1, 0.9, 0.99, 1e-3, 1e-6)
+    agg = FedAdam()  # Flower 1.42: eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, v_0 = 0, bias-corrected
+    assert (agg.eta, agg.beta_1, agg.beta_2, agg.tau, agg.initial_v, agg.bias_correction) == (
+        0.1,
+        0.9,
+        0.99,
+        1e-3,
+        0.0,
+        True,
+    )
     x0 = {"w": vec(1.0)}
     out = agg.aggregate(x0, [moved(0, x0, {"w": vec(0.2)})])
-    # m = 0.1 * 0.2 = 0.02; v = 0.99 * 1e-6 + 0.01 * 0.04 = 4.0099e-4; x = 1 + 0.1 * 0.02 / (sqrt(v) + 1e-3) ≈ 1.095126.
+    # m = 0.1 * 0.2 = 0.02; v = 0.01 * 0.04 = 4e-4; eta_1 = 0.1 * sqrt(1 - 0.99**2) / (1 - 0.9**2) ≈ 0.0742460;
+    # x = 1 + eta_1 * 0.02 / (0.02 + 1e-3) ≈ 1.070710.
+    eta_1 = 0.1 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    close(out["w"], [1 + eta_1 * 0.02 / (0.02 + 1e-3)])
+    assert abs(out["w"].item() - 1.070710) < 1e-6
+    assert FedYogi().eta == 0.01 and FedAdagrad().beta_1 == 0.0
+    assert FedYogi().initial_v == FedAdagrad().initial_v == 0.0
+    assert not FedYogi().bias_correction and not FedAdagrad().bias_correction
+
+
+def test_reddi_convention_starts_v_at_tau_squared_without_bias_correction():
+    agg = FedAdam(convention="reddi")
+    assert (agg.initial_v, agg.bias_correction) == (1e-6, False)
+    x0 = {"w": vec(1.0)}
+    out = agg.aggregate(x0, [moved(0, x0, {"w": vec(0.2)})])
+    # m = 0.02; v = 0.99 * 1e-6 + 0.01 * 0.04 = 4.0099e-4; x = 1 + 0.1 * 0.02 / (sqrt(v) + 1e-3) ≈ 1.095126.
     close(out["w"], [1 + 0.1 * 0.02 / (math.sqrt(0.99e-6 + 0.01 * 0.04) + 1e-3)])
     assert abs(out["w"].item() - 1.095126) < 1e-6
-    assert FedYogi().eta == 0.01 and FedAdagrad().beta_1 == 0.0
+    assert FedYogi(convention="reddi").initial_v == 1e-6
+    assert FedAdagrad(tau=0.1, convention="reddi").initial_v == pytest.approx(0.01)
 
 
 # ------------------------------------------------------------------------------------------------ resume exactness
@@ -543,6 +577,7 @@ def test_callback_weights_take_precedence():
         (lambda: FedYogi(tau=0.0), "tau"),
         (lambda: FedAdagrad(eta=-1.0), "eta"),
         (lambda: FedAdam(initial_v=-1.0), "initial_v"),
+        (lambda: FedYogi(convention="paper"), "convention"),
         (lambda: FedProx(mu=-0.1), "mu"),
         (lambda: Scaffold(num_clients=0), "num_clients"),
         (lambda: TaskAwareFedAvg(temperature=0.0), "temperature"),

@@ -198,7 +198,7 @@ def test_file_errors_name_file_row_column(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"noans.parquet.*'answer'.*columns found: \['prompt', 'label'\]"):
         FederatedData(data_files=[no_ans], num_clients=1).train_examples(0)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "ok", "answer": "1"}, {"prompt": "  ", "answer": "2"}])
-    with pytest.raises(ValueError, match=r"empty.jsonl: row 1, column 'prompt': empty prompt"):
+    with pytest.raises(ValueError, match=r"empty.jsonl: row 2, column 'prompt': empty prompt"):
         FederatedData(data_files=[empty], num_clients=1).train_examples(0)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "answer": "1"}\n{oops\n')

@@ -293,6 +293,109 @@ def _same_tensors(a: object, b: object) -> bool:
     return a == b or (isinstance(a, float) and math.isclose(a, b, rel_tol=1e-9))
 
 
+# -- our server optimizers against Flower's own strategies ---------------------------------------------------------
+
+# Ours (convention="flower", the default) and Flower's strategy with the same hyperparameters: Flower's defaults for
+# the FedOpt family (the legacy API's tau, 1e-9 for FedAdam/FedAdagrad, is set to the Message API's 1e-3), a
+# momentum for FedAvgM (Flower's default 0.0 would be plain FedAvg).
+SERVER_OPTIMIZERS = {
+    "FedAdam": ({}, {}),
+    "FedYogi": ({}, {}),
+    "FedAdagrad": ({}, {}),
+    "FedAvgM": ({"server_lr": 0.7, "momentum": 0.9}, {"server_learning_rate": 0.7, "server_momentum": 0.9}),
+}
+CLIENT_EXAMPLES = (1, 2, 5)
+
+
+def _client_deltas(num_rounds: int = 3) -> list[list[dict[str, torch.Tensor]]]:
+    """Per round, per client: float64 deltas spanning |Δ| from ~1e-5 (below tau) to ~1 (above it)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def delta(*shape: int) -> torch.Tensor:
+        scale = 10 ** (-5 * torch.rand(shape, generator=gen, dtype=torch.float64))
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+    return [[{"a": delta(3, 4), "b": delta(5)} for _ in CLIENT_EXAMPLES] for _ in range(num_rounds)]
+
+
+def _run_ours(name: str, x0: dict[str, torch.Tensor], deltas: list) -> dict[str, torch.Tensor]:
+    from fedrl_lightning import aggregation
+
+    agg, x = getattr(aggregation, name)(**SERVER_OPTIMIZERS[name][0]), x0
+    for round_deltas in deltas:
+        updates = [
+            ClientUpdate(c, {k: x[k] + d[k] for k in x}, n)
+            for c, (d, n) in enumerate(zip(round_deltas, CLIENT_EXAMPLES))
+        ]
+        x = agg.aggregate(x, updates)
+    return x
+
+
+def _run_flower(name: str, x0: dict[str, torch.Tensor], deltas: list) -> dict[str, torch.Tensor]:
+    """Flower's Message-API strategy, driven as its ``start()`` does: configure_train, the replies, aggregate_train."""
+    from flwr.app import ConfigRecord, Message
+    from flwr.serverapp import strategy
+
+    flower, x = getattr(strategy, name)(**SERVER_OPTIMIZERS[name][1]), x0
+    grid = LocalGrid(app=None, num_nodes=len(CLIENT_EXAMPLES))
+    for server_round, round_deltas in enumerate(deltas, start=1):
+        messages = list(flower.configure_train(server_round, records.to_record(x), ConfigRecord(), grid))
+        replies = [
+            Message(records.update_to_content(ClientUpdate(c, {k: x[k] + d[k] for k in x}, n)), reply_to=msg)
+            for c, (msg, d, n) in enumerate(zip(messages, round_deltas, CLIENT_EXAMPLES, strict=True))
+        ]
+        arrays, _ = flower.aggregate_train(server_round, replies)
+        x = records.from_record(arrays, x)
+    return x
+
+
+def _run_flower_legacy(name: str, x0: dict[str, torch.Tensor], deltas: list) -> dict[str, torch.Tensor]:
+    """The older ``flwr.server.strategy`` API (``aggregate_fit`` on ``FitRes``), still shipped by Flower 1.42."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import strategy
+
+    def params(state: dict[str, torch.Tensor]):
+        return ndarrays_to_parameters([state[k].numpy() for k in sorted(state)])
+
+    kwargs = {"tau": 1e-3} if name in ("FedAdam", "FedAdagrad") else {}
+    flower = getattr(strategy, name)(initial_parameters=params(x0), **kwargs, **SERVER_OPTIMIZERS[name][1])
+    x = x0
+    for server_round, round_deltas in enumerate(deltas, start=1):
+        results = [
+            (None, FitRes(Status(Code.OK, ""), params({k: x[k] + d[k] for k in x}), n, {}))
+            for d, n in zip(round_deltas, CLIENT_EXAMPLES)
+        ]
+        parameters, _ = flower.aggregate_fit(server_round, results, [])
+        x = {k: torch.from_numpy(a.copy()) for k, a in zip(sorted(x), parameters_to_ndarrays(parameters))}
+    return x
+
+
+@pytest.mark.parametrize("api", ["serverapp", "legacy"])
+@pytest.mark.parametrize("name", list(SERVER_OPTIMIZERS))
+def test_server_optimizers_equal_flowers_strategies_after_three_rounds(name, api):
+    """Our FedAdam/FedYogi/FedAdagrad/FedAvgM (convention="flower") against Flower's own strategy objects."""
+    from fedrl_lightning import aggregation
+
+    if api == "serverapp" and name != "FedAvgM":  # our defaults are Flower's
+        import inspect
+
+        from flwr.serverapp import strategy
+
+        theirs = inspect.signature(getattr(strategy, name)).parameters
+        ours = inspect.signature(getattr(aggregation, name)).parameters
+        for key in ("eta", "beta_1", "beta_2", "tau"):
+            if key in theirs:
+                assert ours[key].default == theirs[key].default, key
+    x0 = {"a": torch.randn(3, 4, dtype=torch.float64), "b": torch.randn(5, dtype=torch.float64)}
+    deltas = _client_deltas()
+    ours = _run_ours(name, x0, deltas)
+    flower = (_run_flower if api == "serverapp" else _run_flower_legacy)(name, x0, deltas)
+    diff = max_diff(ours, flower)
+    assert diff <= ATOL, f"{name}: ours and Flower's {api} strategy differ by {diff}"
+    assert max_diff(ours, x0) > CHANGED, "the rounds did not change the arrays"
+    print(f"{name} ({api}): max |ours - Flower| = {diff:.2e}")
+
+
 # -- a Flower simulation -----------------------------------------------------------------------------------------
 
 
@@ -414,3 +517,55 @@ def test_deployment_superlink_and_two_supernodes_on_loopback_run_a_round(tmp_pat
     assert sorted(p.name for p in (out / "clients").iterdir()) == ["client0", "client1"]  # state on the clients' side
     assert {"client0/eval/accuracy", "client1/eval/accuracy"} <= flower["history"][-1].keys()
     print(f"deployment: max |Flower - in-process| = {diff}")
+
+
+# -- Federated PPO: a personalized aggregator, per-client messages ------------------------------------------------
+
+PEER_MIXTURE = """
+trainer:
+  aggregation:
+    class_path: fedrl_lightning.algorithms.fedppo.PeerMixture
+    init_args: {self_preference: 0.5}
+  eval_before_training: false
+model:
+  class_path: fedrl_lightning.modules.PPOModule
+  init_args:
+    learning_rate: 1e-2
+    reward_funcs: [conftest.length_reward]
+    reward_weights: [1.0]
+    kl_coef: 0.5
+    num_iterations: 1
+    peer_reference: fedrl_lightning.algorithms.fedppo.PeerReference
+data:
+  num_clients: 3
+  partition: iid
+"""
+
+
+def test_a_peer_mixture_run_through_the_flower_apps_gives_each_client_the_in_process_adapter(tmp_path, flower_env):
+    """3 clients x 2 rounds of Federated PPO: each client is sent its own peers' snapshots, keeps its own adapter."""
+    from fedrl_lightning.flower.client_app import build_client_app
+    from fedrl_lightning.flower.server_app import run_server
+
+    fragment = tmp_path / "fragment.yaml"
+    fragment.write_text(PEER_MIXTURE)
+    out = tmp_path / "flower"
+    defaults = {"config": f"{TINY} {fragment}", "overrides": f"--trainer.output_dir {out}", "node-wait-timeout": 5.0}
+    run_server(LocalGrid(build_client_app(defaults), 3), FlowerSettings.from_run_config({}, defaults))
+    flower, reference = server_state(out), in_process_run(fragment, tmp_path / "reference")
+    initial = initial_adapter(fragment, tmp_path / "initial")
+    assert flower["round"] == reference["round"] == 2 and not any("faults/client" in k for k in flower["history"][-1])
+    snapshots = flower["aggregation"]["snapshots"]
+    assert sorted(snapshots) == [0, 1, 2]
+    for cid, own in reference["aggregation"]["snapshots"].items():  # what each client published in round 2
+        assert max_diff(snapshots[cid], own) <= ATOL and max_diff(own, initial) > CHANGED
+        saved = ClientStateStore(out / "clients", cid).load(before_round=3).adapter  # and kept on its own disk
+        assert max_diff(saved, own) <= ATOL
+    rows = {row["round"]: row for row in flower["history"]}
+    for ref_row in reference["history"]:  # per-client mixing weights, KL, held-out metrics of its own adapter
+        for key, value in ref_row.items():
+            if "timing/" not in key and not key.startswith("comm/"):
+                assert math.isclose(rows[ref_row["round"]][key], value, rel_tol=1e-6, abs_tol=1e-9), key
+    # round 1 sends no snapshot (nobody has published); round 2 sends each client its two peers'
+    adapter = sum(v.numel() * v.element_size() for v in initial.values())
+    assert rows[1]["comm/bytes_down"] < adapter < 6 * adapter < rows[2]["comm/bytes_down"]

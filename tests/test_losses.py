@@ -284,6 +284,30 @@ def test_grpo_per_token_loss_with_kl_and_importance_weights():
         grpo_per_token_loss(logp, logp, adv, beta=0.1)
 
 
+def test_bias_correction_kl_weights_the_kl_by_the_ratio_and_gives_the_reverse_kl_gradient():
+    logp = torch.log(torch.tensor([[0.5, 0.5]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    kl0 = 0.5 + math.log(2) - 1
+    zero = torch.tensor([0.0])  # no surrogate: the loss is the KL term alone
+    # off-policy, ratio [2, 1]: the KL term is 0.1 * k3 * ratio; the IS weights (here 0) never touch it
+    old = torch.log(torch.tensor([[0.25, 0.5]]))
+    loss, ratio, kl = grpo_per_token_loss(logp, old, zero, ref, beta=0.1, importance_weights=torch.zeros(1, 1))
+    close(ratio, [[2.0, 1.0]])
+    close(kl, [[2 * kl0, 0.0]])
+    close(loss, [[0.1 * 2 * kl0, 0.0]])
+    loss, _, kl = grpo_per_token_loss(logp, old, zero, ref, beta=0.1, use_bias_correction_kl=False)
+    close(kl, [[kl0, 0.0]])
+    close(loss, [[0.1 * kl0, 0.0]])
+    # on-policy the value is the same, the gradient is not: d/dlogp of k3 * ratio at ratio 1 is logp - ref (the
+    # reverse-KL gradient, ln 2 here), of the plain k3 it is 1 - ref / p (0.5)
+    for correct, expected in ((True, math.log(2)), (False, 0.5)):
+        lp = logp.clone().requires_grad_(True)
+        loss, _, _ = grpo_per_token_loss(lp, lp.detach(), zero, ref, beta=1.0, use_bias_correction_kl=correct)
+        close(loss, [[kl0, 0.0]])
+        (grad,) = torch.autograd.grad(loss.sum(), lp)
+        close(grad, [[expected, 0.0]])
+
+
 # ------------------------------------------------------------------------------------------------------- PPO
 
 
@@ -371,3 +395,13 @@ def test_importance_sampling_sequence_modes_by_hand():
     assert importance_sampling_weights(old, old, mask).eq(1).all()  # on-policy: every weight is 1
     with pytest.raises(ValueError, match="mode"):
         importance_sampling_weights(old, sampled, mask, mode="tokens")
+
+
+def test_importance_sampling_nan_sampler_log_probs_count_as_on_policy():
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    sampled = torch.tensor([[NAN, -2.5], [-1.0, NAN]])  # a token whose log-prob the sampler did not report
+    mask = torch.ones(2, 2)
+    w = importance_sampling_weights(old, sampled, mask, mode="token_truncate", cap=3.0)
+    close(w, [[1.0, math.exp(0.5)], [1.0, 1.0]])
+    w = importance_sampling_weights(old, sampled, mask, mode="sequence_mask", cap=3.0)
+    close(w, [[math.exp(0.5)], [1.0]])

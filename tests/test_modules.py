@@ -1,5 +1,6 @@
 """The policy and GRPO module on the tiny random model."""
 
+import math
 from dataclasses import replace
 
 import lightning as L
@@ -8,8 +9,10 @@ import torch
 
 from conftest import make_module
 from fedrl_lightning.client import local_step
+from fedrl_lightning.losses import k3_kl
+from fedrl_lightning.modules.pg import PolicyGradientBatch
 from fedrl_lightning.modules.policy import prompt_groups
-from fedrl_lightning.rollout import completion_masks
+from fedrl_lightning.rollout import Rollout, completion_masks
 from fedrl_lightning.rollout.hf import HFRollout
 from fedrl_lightning.rollout.packed import PackedLinear, pack_linears
 
@@ -189,6 +192,41 @@ def test_sampler_log_probs_weight_the_loss_by_the_capped_importance_ratio():
     assert module.training_step(batch).item() == 0.0
     module.is_correction = False
     torch.testing.assert_close(module.training_step(batch), plain)
+
+
+def test_vllm_importance_weights_multiply_the_surrogate_only_not_the_beta_kl_term():
+    """The module's loss path on synthetic log-probs (no generation): L = w * surrogate + beta * k3 * ratio (TRL)."""
+    module = make_module(
+        loss_type="bnpo", beta=0.04, vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_cap=10.0
+    )
+    gen = torch.Generator().manual_seed(0)
+    n, c = 4, 5
+    log_probs = torch.log_softmax(torch.randn(n, c, 7, generator=gen), -1)[..., 0].requires_grad_(True)
+    old = log_probs.detach() + 0.2 * torch.randn(n, c, generator=gen)
+    ref = log_probs.detach() + 0.3 * torch.randn(n, c, generator=gen)
+    mask = torch.ones(n, c)
+    ids = torch.zeros(n, c, dtype=torch.long)
+    # the sampler put 0.5 nats more on every token: each token's IS weight is e^-0.5
+    rollout = Rollout(ids, mask, ids, mask, torch.zeros(n, dtype=torch.bool), [""] * n, old + 0.5)
+    advantages = torch.randn(n, generator=gen)
+    batch = PolicyGradientBatch(rollout, advantages, mask, old, ref, float(mask.sum()))
+    loss = module.policy_loss(batch, log_probs, old, advantages)
+
+    ratio = torch.exp(log_probs - old)
+    surrogate = -torch.min(ratio * advantages[:, None], ratio.clamp(0.8, 1.2) * advantages[:, None])
+    kl = k3_kl(log_probs, ref) * ratio  # use_bias_correction_kl (GRPOModule's default)
+    w = math.exp(-0.5)
+    torch.testing.assert_close(loss, (w * surrogate + 0.04 * kl).mean(), rtol=1e-6, atol=1e-7)
+    wrong = (w * (surrogate + 0.04 * kl)).mean()  # weighting the KL term too, the old behaviour
+    assert abs(float(loss - wrong)) > 1e-4
+    # every sequence masked out (sequence_mask, ratio e^2.5 above the cap): the KL term alone remains
+    module.is_mode, module.is_cap = "sequence_mask", 3.0
+    rollout.sampling_log_probs = old - 0.5
+    torch.testing.assert_close(module.policy_loss(batch, log_probs, old, advantages), (0.04 * kl).mean())
+    module.use_bias_correction_kl = False
+    torch.testing.assert_close(
+        module.policy_loss(batch, log_probs, old, advantages), (0.04 * k3_kl(log_probs, ref)).mean()
+    )
 
 
 def test_prompt_groups_finds_runs_of_identical_prompts():

@@ -77,7 +77,7 @@ def _fabric():
 def test_torn_checkpoint_falls_back_to_the_previous_round(tmp_path):
     fabric = _fabric()
     for r in (1, 2):
-        checkpoint.save(tmp_path, r, fabric, {"round": r}, keep=3)
+        checkpoint.save(tmp_path, r, fabric, {"round": r})
     (tmp_path / "round-000002" / "state.pt").write_bytes(b"truncated")
     assert checkpoint.latest_valid(tmp_path).name == "round-000001"
     (tmp_path / "round-000001" / "manifest.json").unlink()
@@ -86,13 +86,16 @@ def test_torn_checkpoint_falls_back_to_the_previous_round(tmp_path):
         checkpoint.resolve(str(tmp_path / "round-000002"), tmp_path)
 
 
-def test_keep_checkpoints_prunes_old_rounds(tmp_path):
+def test_save_prunes_only_the_checkpoints_it_is_given(tmp_path):
     fabric = _fabric()
     for r in range(1, 5):
-        checkpoint.save(tmp_path, r, fabric, {"round": r}, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000003", "round-000004"]
+        prune = [checkpoint.round_path(tmp_path, r - 2)] if r > 2 else []
+        checkpoint.save(tmp_path, r, fabric, {"round": r}, prune, meta={"settings": {"a": 1}})
+    (tmp_path / "round-000009").mkdir()  # not given: never touched
+    checkpoint.save(tmp_path, 5, fabric, {"round": 5}, [checkpoint.round_path(tmp_path, 3)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-000004", "round-000005", "round-000009"]
     manifest = json.loads((tmp_path / "round-000004" / "manifest.json").read_text())
-    assert manifest["round"] == 4
+    assert manifest["round"] == 4 and manifest["settings"] == {"a": 1}
 
 
 class Sabotage(Callback):
@@ -231,7 +234,7 @@ def test_mistyped_config_key_and_bad_data_file_are_named(tmp_path, capsys):
     assert "lora_rank" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n{"question": "no prompt column", "answer": "3"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1.*prompt"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 2.*prompt"):
         make_data(data_files=[str(bad)], num_clients=1, partition="iid").setup("fit")
 
 

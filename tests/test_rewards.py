@@ -308,3 +308,30 @@ def test_scaled_reward_multiplies_by_each_rows_scale_column():
         FederatedData(tasks=["basic_arithmetic"], num_clients=2, client_columns={2: {"reward_scale": 1.0}})
     with pytest.raises(ValueError, match="reserved"):
         FederatedData(tasks=["basic_arithmetic"], num_clients=2, client_columns={0: {"answer": "x"}})
+
+
+def _sleepy_reward(prompts, completions, **kwargs):
+    import time
+
+    time.sleep(60)
+    return [1.0] * len(completions)
+
+
+def _picky_reward(prompts, completions, **kwargs):
+    if len(completions) > 1:
+        raise RuntimeError("one at a time")
+    return [float(len(completions[0]))]
+
+
+def test_reward_timeout_is_enforced_while_the_call_runs_and_fails_only_its_samples():
+    import time
+
+    start = time.monotonic()
+    rewards, errors = compute_rewards([_sleepy_reward, _picky_reward], ["p"] * 3, ["a", "bb", "ccc"], {}, timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0 + 2.0 + 3 * 1.0, elapsed  # the sleeper's 1 s limit, the picky one's per-sample retries
+    assert torch.isnan(rewards[:, 0]).all() and errors["_sleepy_reward"] == 3
+    assert rewards[:, 1].tolist() == [1.0, 2.0, 3.0] and errors["_picky_reward"] == 0  # retried per sample, in time
+    start = time.monotonic()
+    compute_rewards([_sleepy_reward], ["p"], ["a"], {}, timeout=0.5)
+    assert time.monotonic() - start < 0.5 + 2.0

@@ -137,10 +137,24 @@ class LocalObjective:
 
 
 class Aggregator:
-    """Base of the server aggregators: turn the clients' updates into the next global adapter."""
+    """Base of the server aggregators: turn the clients' updates into the next global adapter.
+
+    Attributes:
+        personalized: the clients train and deploy their own adapters (no global adapter is sent: each starts from
+            its own, as in local-only training), but each sends its adapter up at the end of its round, and every
+            client receives tensors of its own (``client_downlink``); ``aggregate`` returns the global state as it
+            was. Federated PPO's ``PeerMixture`` is one.
+    """
+
+    personalized: bool = False
 
     def downlink(self, global_state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Server side: tensors every client receives with the global adapter (e.g. SCAFFOLD's c); none here."""
+        return {}
+
+    def client_downlink(self, client_id: int, round_idx: int, num_rounds: int) -> dict[str, Tensor]:
+        """Server side, for a personalized aggregator: the tensors ``client_id`` receives for round ``round_idx``
+        (1-based) of ``num_rounds``; none here."""
         return {}
 
     def local_objective(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from fedrl_lightning.aggregation.base import (
     check_same_keys,
 )
 from fedrl_lightning.aggregation.lora import average64
+
+Convention = Literal["flower", "reddi"]
+CONVENTIONS: tuple[str, ...] = ("flower", "reddi")
 
 
 def load_tensors(tensors: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
@@ -110,24 +114,35 @@ class FedOpt(ServerOptimizer):
     """Adaptive federated optimization (Reddi et al. 2021), shared by FedAdagrad, FedAdam and FedYogi.
 
     m ← β₁ m + (1-β₁) Δ̄; v ← second_moment(v, Δ̄²) (the square of the pseudo-gradient, not of m as in
-    OpenFedLLM); x ← x + η m / (√v + τ). m starts at 0; v starts at ``initial_v`` (None = τ², Reddi et al.'s
-    v_{-1} ≥ τ²; Flower starts at 0.0, which ``initial_v: 0.0`` reproduces).
+    OpenFedLLM); x ← x + η_t m / (√v + τ), m starting at 0. Where the paper leaves a choice, ``convention`` picks:
+
+    * ``flower`` (default): Flower 1.42's strategies exactly (``flwr.serverapp.strategy`` and the older
+      ``flwr.server.strategy`` agree): v starts at 0; FedAdam's η_t = η √(1-β₂^(t+1)) / (1-β₁^(t+1)) in its t-th
+      aggregation (Flower's exponent is server_round + 1, and its rounds count from 1); FedAdagrad and FedYogi η_t = η.
+    * ``reddi``: Reddi et al.'s Algorithm 2: v starts at τ² (their v_{-1} ≥ τ²), η_t = η; FedAdam's
+      ``bias_correction: true`` gives Kingma & Ba's η √(1-β₂^t) / (1-β₁^t).
 
     Scale for LoRA: when |Δ̄| ≫ τ every coordinate moves by about ±η per round, whatever the adapter's scale; when
     |Δ̄| ≪ τ the step is about (η/τ)·m. LoRA deltas per round are tiny (local lr × steps, ~1e-5), so Flower's η=0.1
     is far too large for adapters: choose η on the adapter's scale, e.g. 1e-3..1e-2 with τ=1e-3 (η/τ ≈ 1 makes the
-    first rounds FedAvg-like).
+    first rounds FedAvg-like). With ``flower``'s v_0 = 0 the first step is about ±η·(1-β₁)/√(1-β₂) per coordinate
+    wherever |Δ̄| ≫ τ.
 
     Args:
         eta: server learning rate η.
         beta_1: first-moment decay β₁ in [0, 1).
         beta_2: second-moment decay β₂ in [0, 1) (used by ``second_moment``).
         tau: adaptivity τ > 0.
-        initial_v: initial second moment; None = τ².
-        bias_correction: scale η by √(1-β₂^t) / (1-β₁^t), t = aggregation steps taken.
+        convention: ``flower`` or ``reddi`` (see above): the defaults of ``initial_v`` and ``bias_correction`` and
+            the bias correction's step.
+        initial_v: initial second moment; None = the convention's (flower 0, reddi τ²).
+        bias_correction: scale η as the convention does; None = the convention's (FedAdam under flower only).
         weighting: as in ``FedAvg``.
         lora_mode: as in ``FedAvg``.
     """
+
+    # Whether ``convention="flower"`` corrects the bias by default: Flower does it in FedAdam only.
+    flower_bias_correction: bool = False
 
     def __init__(
         self,
@@ -135,8 +150,9 @@ class FedOpt(ServerOptimizer):
         beta_1: float,
         beta_2: float,
         tau: float,
+        convention: Convention = "flower",
         initial_v: float | None = None,
-        bias_correction: bool = False,
+        bias_correction: bool | None = None,
         weighting: Weighting = "prompts",
         lora_mode: LoraMode = "separate",
     ) -> None:
@@ -148,11 +164,15 @@ class FedOpt(ServerOptimizer):
                 raise ValueError(f"{name} must be in [0, 1), got {beta}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         if initial_v is not None and not initial_v >= 0:
             raise ValueError(f"initial_v must be >= 0, got {initial_v}")
         self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
-        self.initial_v = tau**2 if initial_v is None else initial_v
-        self.bias_correction = bias_correction
+        self.convention = convention
+        flower = convention == "flower"
+        self.initial_v = (0.0 if flower else tau**2) if initial_v is None else initial_v
+        self.bias_correction = (flower and self.flower_bias_correction) if bias_correction is None else bias_correction
         self.t = 0
         self.m: dict[str, Tensor] = {}
         self.v: dict[str, Tensor] = {}
@@ -169,7 +189,8 @@ class FedOpt(ServerOptimizer):
             v[k] = self.second_moment(self.v[k] if self.v else torch.full_like(d, self.initial_v), d * d)
         lr = self.eta
         if self.bias_correction:
-            lr *= math.sqrt(1 - self.beta_2**t) / (1 - b1**t)
+            e = t + 1 if self.convention == "flower" else t  # Flower: server_round + 1, one round ahead of Adam's
+            lr *= math.sqrt(1 - self.beta_2**e) / (1 - b1**e)
         self.m, self.v, self.t = m, v, t
         return {k: params[k] + lr * m[k] / (v[k].sqrt() + self.tau) for k in params}
 
@@ -184,14 +205,15 @@ class FedOpt(ServerOptimizer):
 class FedAdagrad(FedOpt):
     """FedAdagrad (Reddi et al. 2021): v ← v + Δ̄²; x ← x + η m / (√v + τ).
 
-    Defaults are Flower 1.4x's (η=0.1, τ=1e-3, β₁=0 so m = Δ̄). See ``FedOpt`` for the scale of η on LoRA
-    adapters (use ~1e-3..1e-2).
+    Defaults are Flower 1.42's (η=0.1, τ=1e-3, β₁=0 so m = Δ̄, v_0 = 0). See ``FedOpt`` for the conventions and the
+    scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower: 0.1, far too large for LoRA; use ~1e-3..1e-2 with τ=1e-3, see ``FedOpt``).
         beta_1: first-moment decay β₁ (Flower's FedAdagrad uses 0.0; Reddi et al. allow β₁ > 0).
-        tau: adaptivity τ (Flower 1.4x: 1e-3; older Flower: 1e-9).
-        initial_v: initial second moment; None = τ² (Reddi et al.), 0.0 = Flower.
+        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        convention: ``flower`` (v_0 = 0) or ``reddi`` (v_0 = τ²), see ``FedOpt``.
+        initial_v: initial second moment; None = the convention's.
         weighting: as in ``FedAvg``.
         lora_mode: as in ``FedAvg``.
     """
@@ -201,11 +223,12 @@ class FedAdagrad(FedOpt):
         eta: float = 1e-1,
         beta_1: float = 0.0,
         tau: float = 1e-3,
+        convention: Convention = "flower",
         initial_v: float | None = None,
         weighting: Weighting = "prompts",
         lora_mode: LoraMode = "separate",
     ) -> None:
-        super().__init__(eta, beta_1, 0.0, tau, initial_v, False, weighting, lora_mode)
+        super().__init__(eta, beta_1, 0.0, tau, convention, initial_v, False, weighting, lora_mode)
 
     def second_moment(self, v: Tensor, d2: Tensor) -> Tensor:
         return v + d2
@@ -214,19 +237,24 @@ class FedAdagrad(FedOpt):
 class FedAdam(FedOpt):
     """FedAdam (Reddi et al. 2021): v ← β₂ v + (1-β₂) Δ̄²; x ← x + η_t m / (√v + τ).
 
-    Defaults are Flower 1.4x's. See ``FedOpt`` for the scale of η on LoRA adapters (use ~1e-3..1e-2).
+    Defaults are Flower 1.42's (η=0.1, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0, η_t bias-corrected with Flower's step).
+    See ``FedOpt`` for the conventions and the scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower: 0.1, far too large for LoRA; use ~1e-3..1e-2 with τ=1e-3, see ``FedOpt``).
         beta_1: first-moment decay β₁.
         beta_2: second-moment decay β₂.
-        tau: adaptivity τ (Flower 1.4x: 1e-3; older Flower: 1e-9).
-        initial_v: initial second moment; None = τ² (Reddi et al.), 0.0 = Flower.
-        bias_correction: η_t = η √(1-β₂^t) / (1-β₁^t), t = aggregation steps taken (1 on the first). Reddi et al.
-            have none (False); Flower applies it with t = server_round + 1, i.e. one round ahead of this.
+        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        convention: ``flower`` or ``reddi``, see ``FedOpt``.
+        initial_v: initial second moment; None = the convention's (flower 0, reddi τ²).
+        bias_correction: η_t = η √(1-β₂^e) / (1-β₁^e) in the t-th aggregation, e = t + 1 under flower (Flower's
+            server_round + 1), e = t under reddi (Kingma & Ba). None = the convention's: on for flower, off for reddi
+            (Reddi et al. have none).
         weighting: as in ``FedAvg``.
         lora_mode: as in ``FedAvg``.
     """
+
+    flower_bias_correction = True
 
     def __init__(
         self,
@@ -234,12 +262,13 @@ class FedAdam(FedOpt):
         beta_1: float = 0.9,
         beta_2: float = 0.99,
         tau: float = 1e-3,
+        convention: Convention = "flower",
         initial_v: float | None = None,
-        bias_correction: bool = False,
+        bias_correction: bool | None = None,
         weighting: Weighting = "prompts",
         lora_mode: LoraMode = "separate",
     ) -> None:
-        super().__init__(eta, beta_1, beta_2, tau, initial_v, bias_correction, weighting, lora_mode)
+        super().__init__(eta, beta_1, beta_2, tau, convention, initial_v, bias_correction, weighting, lora_mode)
 
     def second_moment(self, v: Tensor, d2: Tensor) -> Tensor:
         return self.beta_2 * v + (1 - self.beta_2) * d2
@@ -248,14 +277,16 @@ class FedAdam(FedOpt):
 class FedYogi(FedOpt):
     """FedYogi (Reddi et al. 2021): v ← v - (1-β₂) Δ̄² sign(v - Δ̄²); x ← x + η m / (√v + τ).
 
-    Defaults are Flower 1.4x's. See ``FedOpt`` for the scale of η on LoRA adapters (use ~1e-3..1e-2).
+    Defaults are Flower 1.42's (η=0.01, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0). See ``FedOpt`` for the conventions and
+    the scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower 0.01).
         beta_1: first-moment decay β₁.
         beta_2: second-moment decay β₂.
-        tau: adaptivity τ (Flower 1.4x: 1e-3; older Flower: 1e-9).
-        initial_v: initial second moment; None = τ² (Reddi et al.), 0.0 = Flower.
+        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        convention: ``flower`` (v_0 = 0) or ``reddi`` (v_0 = τ²), see ``FedOpt``.
+        initial_v: initial second moment; None = the convention's.
         weighting: as in ``FedAvg``.
         lora_mode: as in ``FedAvg``.
     """
@@ -266,11 +297,12 @@ class FedYogi(FedOpt):
         beta_1: float = 0.9,
         beta_2: float = 0.99,
         tau: float = 1e-3,
+        convention: Convention = "flower",
         initial_v: float | None = None,
         weighting: Weighting = "prompts",
         lora_mode: LoraMode = "separate",
     ) -> None:
-        super().__init__(eta, beta_1, beta_2, tau, initial_v, False, weighting, lora_mode)
+        super().__init__(eta, beta_1, beta_2, tau, convention, initial_v, False, weighting, lora_mode)
 
     def second_moment(self, v: Tensor, d2: Tensor) -> Tensor:
         return v - (1 - self.beta_2) * d2 * torch.sign(v - d2)

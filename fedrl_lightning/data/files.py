@@ -156,10 +156,10 @@ class LocalFiles:
         check(len(records) > 0, f"{path}: no rows")
         for col, what in ((self.prompt_column, "prompt"), (self.answer_column, "answer"), (self.task_column, "task")):
             check(col is None or col in columns, f"{path}: missing {what} column {col!r} (columns found: {columns})")
-        return [self._example(path, i, rec) for i, rec in enumerate(records)]
+        return [self._example(path, i, rec) for i, rec in enumerate(records, start=1)]
 
     def _example(self, path: str, row: int, rec: dict[str, Any]) -> Example:
-        where = f"{path}: row {row}"
+        where = f"{path}: row {row}"  # 1-based, as the JSON Lines line numbers (rows are data rows, no header)
         raw = rec.get(self.prompt_column)
         if isinstance(raw, str):
             check(raw.strip() != "", f"{where}, column {self.prompt_column!r}: empty prompt")
@@ -195,13 +195,17 @@ def _prompt_key(prompt: list[dict[str, Any]]) -> str:
 
 def _read_json_records(path: str) -> list[dict[str, Any]]:
     """Read JSON Lines (or, for .json, a top-level array of objects), naming the line of any bad record."""
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = Path(path).read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if Path(path).suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON: {err}") from err
-        lines = [(i, item) for i, item in enumerate(items)]
+        lines = [(i, item) for i, item in enumerate(items, start=1)]
         label = "row"
     else:
         lines, label = [], "line"

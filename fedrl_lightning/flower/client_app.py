@@ -8,7 +8,9 @@ and aggregator-side objective as in one process. Which client a SuperNode is com
 Per message: the global adapter arrives in ``arrays`` and the aggregator's client-side tensors (e.g. SCAFFOLD's c)
 in ``objective``; the client's private state is loaded from its disk (``ClientStateStore``) into the client's
 bank, the round runs, the new state is saved, and the adapter, metrics and side information go back (``records``).
-A raised error becomes Flower's error reply, which the server counts as a dropped client.
+A message without ``arrays`` is a personalized aggregator's round (Federated PPO's ``PeerMixture``): the client
+starts from its own adapter, and evaluates its own. A ``query`` message asks which client this SuperNode is. A
+raised error becomes Flower's error reply, which the server counts as a dropped client.
 
 The built client is cached per process: the simulation engine keeps its workers across rounds, so the model loads
 once per worker; a deployment SuperNode starts a process per message and loads it every time (from the local
@@ -24,6 +26,7 @@ from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from fedrl_lightning import checkpoint
 from fedrl_lightning.client import Client, Downlink
@@ -74,15 +77,24 @@ def _site(settings: FlowerSettings, node_config: Mapping[str, Any]) -> _Site:
     return site
 
 
+def partition_id(context: Context) -> int:
+    """This SuperNode's ``partition-id``.
+
+    Raises:
+        ValueError: it has none.
+    """
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no 'partition-id': start it with --node-config 'partition-id=<k>'")
+    return int(context.node_config["partition-id"])
+
+
 def client_id(context: Context, num_clients: int) -> int:
     """This SuperNode's client: its ``partition-id``.
 
     Raises:
         ValueError: no ``partition-id``, or one outside the config's clients.
     """
-    if "partition-id" not in context.node_config:
-        raise ValueError("this SuperNode has no 'partition-id': start it with --node-config 'partition-id=<k>'")
-    cid = int(context.node_config["partition-id"])
+    cid = partition_id(context)
     if not 0 <= cid < num_clients:
         raise ValueError(f"partition-id {cid} is not one of the config's {num_clients} clients")
     return cid
@@ -94,7 +106,9 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
     client = site.client
     cid = client_id(context, len(client.data.client_ids()))
     r = int(msg.content["config"]["server-round"])
-    global_state = records.from_record(msg.content["arrays"], client.initial_adapter)
+    global_state = None
+    if "arrays" in msg.content:
+        global_state = records.from_record(msg.content["arrays"], client.initial_adapter)
     objective = records.from_record(msg.content["objective"]) if "objective" in msg.content else {}
     store = ClientStateStore(site.state_root, cid, keep=site.keep, fabric=client.fabric)
     saved = store.load(before_round=r)
@@ -102,17 +116,26 @@ def train(msg: Message, context: Context, settings: FlowerSettings) -> Message:
         client.bank.put(cid, saved)
     else:
         client.bank.forget([cid])
-    update = client.run_round(cid, Downlink(r, global_state, objective))
+    update = client.run_round(cid, Downlink(r, global_state, objective, personal=global_state is None))
     store.save(r, client.bank.get(cid, clone=True))
     return Message(content=records.update_to_content(update), reply_to=msg)
 
 
+def own_adapter(site: _Site, cid: int, r: int) -> dict[str, Tensor]:
+    """The client's own adapter after round ``r``: its newest saved state's, else the initial one."""
+    saved = ClientStateStore(site.state_root, cid, keep=site.keep, fabric=site.client.fabric).load(before_round=r + 1)
+    return saved.adapter if saved is not None and saved.adapter is not None else site.client.initial_adapter
+
+
 def evaluate_global(msg: Message, context: Context, settings: FlowerSettings) -> Message:
-    """Greedy accuracy and reward of the global adapter on this client's held-out split."""
+    """Greedy accuracy and reward of the global adapter (without one: the client's own) on its held-out split."""
     site = _site(settings, context.node_config)
     client = site.client
     cid = client_id(context, len(client.data.client_ids()))
-    adapter = records.from_record(msg.content["arrays"], client.initial_adapter)
+    if "arrays" in msg.content:
+        adapter = records.from_record(msg.content["arrays"], client.initial_adapter)
+    else:
+        adapter = own_adapter(site, cid, int(msg.content["config"]["server-round"]))
     result = client.evaluate(cid, adapter, site.eval_batch_size)
     num_examples = len(client.data.eval_examples(cid))
     metrics = {"client-id": cid, "num-examples": num_examples, **{f"eval/{k}": v for k, v in result.items()}}
@@ -130,6 +153,12 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate_global(msg, context, FlowerSettings.from_run_config(context.run_config, defaults))
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        """Which client this SuperNode is (without loading the model)."""
+        content = RecordDict({"metrics": MetricRecord({"client-id": partition_id(context)})})
+        return Message(content=content, reply_to=msg)
 
     return app
 

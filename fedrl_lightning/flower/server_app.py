@@ -3,8 +3,9 @@
 It parses the same config as the ClientApps (``settings``), so the aggregator, selector, callbacks and fault rules
 are the ones ``fedrl fit`` would build; the module is only needed for the initial adapter and to export the final
 one. Outputs go where ``fedrl fit`` puts them, under ``trainer.output_dir``: ``checkpoints/round-NNNNNN/``,
-``metrics.csv`` and TensorBoard logs, ``curves.png`` and the PEFT ``adapter/``. A restarted ServerApp (same config,
-``ckpt-path = "last"``) continues after the newest valid checkpoint.
+``metrics.csv`` and TensorBoard logs, ``curves.png`` and the PEFT ``adapter/`` (none for a personalized aggregator:
+its clients keep their own). A restarted ServerApp (same config, ``ckpt-path = "last"``) continues after the newest
+valid checkpoint.
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ def run_server(grid: Grid, settings: FlowerSettings) -> tuple[Result, FedRLStrat
     )
     result = strategy.start(grid, records.to_record(initial), timeout=settings.round_timeout)
     server = strategy.server
-    module.save_adapter(output_dir / "adapter", server.global_state)
-    if args["save_merged"]:
-        module.save_merged(output_dir / "merged", server.global_state)
+    if server.shared_state() is not None:
+        module.save_adapter(output_dir / "adapter", server.global_state)
+        if args["save_merged"]:
+            module.save_merged(output_dir / "merged", server.global_state)
+    else:  # a personalized aggregator: no global adapter
+        log.info("each client's own adapter is in its saved state (the ClientApp's client-state-dir)")
     plot_run(server.history, output_dir / "curves.png")
     log.info("fedrl-lightning on Flower: %d rounds done, outputs in %s", server.round_idx, output_dir)
     return result, strategy

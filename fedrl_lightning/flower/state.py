@@ -71,4 +71,7 @@ class ClientStateStore:
         """Save the state after round ``round_idx`` (atomically; older states beyond ``keep`` are removed)."""
         # Not dataclasses.asdict, which deep-copies every tensor.
         fields_ = {f.name: getattr(state, f.name) for f in fields(state)}
-        return checkpoint.save(self.directory, round_idx, self.fabric, {"client": fields_}, self.keep)
+        new = checkpoint.round_path(self.directory, round_idx)
+        older = [p for p in sorted(self.directory.glob("round-*")) if p != new]  # this client's directory only
+        prune = older[: max(0, len(older) - (self.keep - 1))]
+        return checkpoint.save(self.directory, round_idx, self.fabric, {"client": fields_}, prune)

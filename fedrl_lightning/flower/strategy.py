@@ -50,10 +50,12 @@ class FedRLStrategy(Strategy):
         self.transport: FlowerTransport | None = None
         self._sent: dict[int, int] = {}
 
-    def _transport(self, grid: Grid, timeout: float = 3600.0) -> FlowerTransport:
+    def _transport(
+        self, grid: Grid, timeout: float = 3600.0, adapter: Mapping[str, torch.Tensor] | None = None
+    ) -> FlowerTransport:
         if self.transport is None or self.transport.grid is not grid:
             self.transport = FlowerTransport(
-                grid, self.server.comm, self.min_available_nodes, self.node_wait_timeout, timeout
+                grid, self.server.comm, self.min_available_nodes, self.node_wait_timeout, timeout, adapter
             )
         return self.transport
 
@@ -86,7 +88,7 @@ class FedRLStrategy(Strategy):
         received = records.from_record(initial_arrays)
         initial = {k: v.to(self.dtypes.get(k, v.dtype)) for k, v in received.items()}
         self.summary()
-        self.server.fit(self._transport(grid, timeout), initial, self.ckpt_path)
+        self.server.fit(self._transport(grid, timeout, initial), initial, self.ckpt_path)
         history = self.server.history
         rows = {int(h["round"]): MetricRecord({k: v for k, v in h.items() if k != "round"}) for h in history}
         return Result(arrays=records.to_record(self.server.global_state), train_metrics_clientapp=rows)
@@ -98,7 +100,8 @@ class FedRLStrategy(Strategy):
     ) -> Iterable[Message]:
         transport = self._transport(grid)
         nodes = self.server.selector.select(server_round, transport.participants())
-        messages = transport.train_messages(self.server.downlink(server_round), nodes)
+        downs = transport.downlinks(lambda cid: self.server.downlink(server_round, cid), nodes)
+        messages = transport.train_messages(downs)
         self._sent = FlowerTransport.sent_bytes(messages)
         return messages
 
@@ -122,7 +125,7 @@ class FedRLStrategy(Strategy):
         if not self.server.is_eval_round(server_round):
             return []
         transport = self._transport(grid)
-        return transport.evaluate_messages(server_round, self.server.global_state, transport.participants())
+        return transport.evaluate_messages(server_round, self.server.shared_state(), transport.participants())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         metrics = FlowerTransport.collect_evaluation(server_round, replies)

@@ -1,18 +1,21 @@
 """The Flower transport: the server reaches its clients as SuperNodes, through Flower's ``Grid`` (Message API).
 
-A round is one ``train`` message per selected SuperNode (the global adapter, the round number and the aggregator's
-client-side tensors, ``records``) and the replies back as ``ClientUpdate``; evaluation is one ``evaluate`` message
-per connected SuperNode. The server selects among the connected nodes' ids; a reply says which client (partition)
-the node is, and the successful replies are returned in client-id order, the order of the in-process run. Every
-message is in the byte ledger as Flower counts it (``count_bytes``). Client states stay on the clients' disks, one
-per round, so a retried round starts from the right state by itself (``rollback`` has nothing to do).
+A round is one ``train`` message per selected SuperNode, built from the server's downlink for the client that node
+is (the global adapter, the round number and the aggregator's client-side tensors, ``records``; a personalized
+aggregator's round has no global adapter and tensors of the client's own) and the replies back as ``ClientUpdate``;
+evaluation is one ``evaluate`` message per connected SuperNode (without an adapter: each evaluates its own). The
+server selects among the connected nodes' ids; which client (partition) a node is, the transport learns from its
+replies, or asks it once (a ``query`` message) before it first sends it anything. The successful replies are
+returned in client-id order, the order of the in-process run. Every train message and reply is in the byte ledger
+as Flower counts it (``count_bytes``); queries and evaluations are not. Client states stay on the clients' disks,
+one per round, so a retried round starts from the right state by itself (``rollback`` has nothing to do).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,8 @@ class FlowerTransport:
         min_nodes: SuperNodes to wait for before each round.
         node_wait_timeout: seconds to wait for them before the run stops.
         round_timeout: seconds to wait for the replies of one round (or one evaluation).
+        adapter: the adapter's names and dtypes (the initial global adapter): what a reply's adapter is checked
+            against and cast to when its round sent no global adapter (a personalized aggregator); None = as sent.
     """
 
     def __init__(
@@ -49,8 +54,9 @@ class FlowerTransport:
         min_nodes: int = 1,
         node_wait_timeout: float = 600.0,
         round_timeout: float = 3600.0,
+        adapter: Mapping[str, Tensor] | None = None,
     ) -> None:
-        self.grid, self.comm = grid, comm
+        self.grid, self.comm, self.adapter = grid, comm, adapter
         self.min_nodes, self.node_wait_timeout, self.round_timeout = min_nodes, node_wait_timeout, round_timeout
         self.node_clients: dict[int, int] = {}  # learnt from replies: which client each SuperNode is
         self.overhead = 0.0  # the round trip is the clients' time here: nothing to separate
@@ -73,24 +79,60 @@ class FlowerTransport:
     def _label(self, node: int) -> str:
         return f"client{self.node_clients[node]}" if node in self.node_clients else f"node{node}"
 
+    def clients(self, nodes: list[int]) -> dict[int, int]:
+        """Which client each node is: learnt from its replies, else asked once (a ``query`` message). A node that
+        does not answer is left out."""
+        unknown = [n for n in nodes if n not in self.node_clients]
+        if unknown:
+            content = RecordDict({"config": ConfigRecord({"query": "client-id"})})
+            queries = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+            for msg in self.grid.send_and_receive(queries, timeout=self.round_timeout):
+                node = msg.metadata.src_node_id
+                if msg.has_error():
+                    log.warning("node %d did not say which client it is: %s", node, msg.error.reason)
+                    continue
+                self.node_clients[node] = int(msg.content["metrics"]["client-id"])
+        return {n: self.node_clients[n] for n in nodes if n in self.node_clients}
+
     # -- training ----------------------------------------------------------------------------------------------
 
-    def train_messages(self, down: Downlink, nodes: list[int]) -> list[Message]:
-        """One ``train`` message per node: the global adapter, ``server-round``, the objective's tensors."""
-        if down.global_state is None:
-            raise ValueError("local-only training (aggregation: null) has no server: it cannot run on Flower")
-        content = RecordDict(
-            {"arrays": records.to_record(down.global_state), "config": ConfigRecord({"server-round": down.round_idx})}
-        )
-        if down.objective:
-            content["objective"] = records.to_record(down.objective)
-        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+    def downlinks(self, downlink: Callable[[int], Downlink], nodes: list[int]) -> dict[int, Downlink]:
+        """Each node's downlink, by the client it is (``clients``); nodes that did not say are left out."""
+        return {node: downlink(cid) for node, cid in self.clients(nodes).items()}
 
-    def train(self, down: Downlink, ids: list[int], progress: Progress | None = None) -> list[Reply]:
-        messages = self.train_messages(down, ids)
+    @staticmethod
+    def train_messages(downs: Mapping[int, Downlink]) -> list[Message]:
+        """One ``train`` message per node: its global adapter (if any), ``server-round``, its objective's tensors.
+
+        Raises:
+            ValueError: a local-only round (nothing would be sent or received).
+        """
+        messages, arrays = [], {}
+        for node, down in downs.items():
+            if not down.uploads:
+                raise ValueError("local-only training (aggregation: null) has no server: it cannot run on Flower")
+            content = RecordDict()
+            if down.global_state is not None:  # the same adapter for every node: one record
+                key = id(down.global_state)
+                if key not in arrays:
+                    arrays[key] = records.to_record(down.global_state)
+                content["arrays"] = arrays[key]
+            content["config"] = ConfigRecord({"server-round": down.round_idx})
+            if down.objective:
+                content["objective"] = records.to_record(down.objective)
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def train(
+        self, round_idx: int, downlink: Callable[[int], Downlink], ids: list[int], progress: Progress | None = None
+    ) -> list[Reply]:
+        downs = self.downlinks(downlink, ids)
+        messages = self.train_messages(downs)
         sent = self.sent_bytes(messages)
-        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout)
-        return self.collect(down.round_idx, replies, sent, down.global_state)
+        replies = self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []
+        shared = next((d.global_state for d in downs.values() if d.global_state is not None), None)
+        unnamed = [Reply(self._label(n), None, "did not say which client it is") for n in ids if n not in downs]
+        return self.collect(round_idx, replies, sent, shared if shared is not None else self.adapter) + unnamed
 
     @staticmethod
     def sent_bytes(messages: Iterable[Message]) -> dict[int, int]:
@@ -98,10 +140,11 @@ class FlowerTransport:
         return {m.metadata.dst_node_id: records.content_bytes(m.content) for m in messages}
 
     def collect(
-        self, r: int, replies: Iterable[Message], sent: Mapping[int, int], like: Mapping[str, Tensor]
+        self, r: int, replies: Iterable[Message], sent: Mapping[int, int], like: Mapping[str, Tensor] | None
     ) -> list[Reply]:
-        """The good replies as updates in client-id order, then one failed ``Reply`` per error or silent node; the
-        ledger records every message (``sent``: bytes sent to each node)."""
+        """The good replies as updates in client-id order (adapters checked against and cast to ``like``), then one
+        failed ``Reply`` per error or silent node; the ledger records every message (``sent``: bytes sent to each
+        node)."""
         updates: dict[int, ClientUpdate] = {}
         failed: list[Reply] = []
         answered = set()
@@ -129,15 +172,19 @@ class FlowerTransport:
 
     # -- evaluation --------------------------------------------------------------------------------------------
 
-    def evaluate_messages(self, r: int, global_state: dict[str, Tensor], nodes: list[int]) -> list[Message]:
-        """One ``evaluate`` message per node: the global adapter and ``server-round``."""
-        content = RecordDict({"arrays": records.to_record(global_state), "config": ConfigRecord({"server-round": r})})
+    @staticmethod
+    def evaluate_messages(r: int, global_state: dict[str, Tensor] | None, nodes: list[int]) -> list[Message]:
+        """One ``evaluate`` message per node: ``server-round`` and the global adapter (None: each node evaluates its
+        client's own adapter, that of its newest saved state)."""
+        content = RecordDict()
+        if global_state is not None:
+            content["arrays"] = records.to_record(global_state)
+        content["config"] = ConfigRecord({"server-round": r})
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
 
     def evaluate(self, round_idx: int, global_state: dict[str, Tensor] | None) -> dict[str, float]:
-        """Every connected SuperNode's held-out metrics under the global adapter (not in the byte ledger)."""
-        if global_state is None:
-            raise ValueError("local-only training (aggregation: null) cannot run on Flower")
+        """Every connected SuperNode's held-out metrics under the global adapter, or its own (not in the byte
+        ledger)."""
         messages = self.evaluate_messages(round_idx, global_state, self.participants())
         return self.collect_evaluation(round_idx, self.grid.send_and_receive(messages, timeout=self.round_timeout))
 

@@ -105,8 +105,13 @@ def grpo_per_token_loss(
     epsilon_high: float | None = None,
     delta: float | None = None,
     importance_weights: Tensor | None = None,
+    use_bias_correction_kl: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """GRPO per-token loss L = clipped_surrogate * importance_weights + beta * k3_kl.
+    """GRPO per-token loss L = clipped_surrogate * importance_weights + beta * KL, as TRL 1.16's ``_compute_loss``.
+
+    KL = k3_kl * ratio with ``use_bias_correction_kl`` (TRL's default), else k3_kl. The ratio exp(logp - old) keeps
+    its gradient: the corrected term's gradient is the unbiased reverse-KL gradient (DeepSeek-V3.2), so the gradient
+    differs from the plain k3 term's even on-policy, where the ratio's value is exactly 1.
 
     Args:
         log_probs, old_log_probs, advantages, epsilon_low, epsilon_high, delta: as in ``clipped_surrogate``.
@@ -114,11 +119,13 @@ def grpo_per_token_loss(
         beta: KL coefficient.
         importance_weights: (B, T) or (B, 1) sampler-mismatch IS weights; as in TRL they weight the surrogate only,
             not the KL term.
+        use_bias_correction_kl: multiply the k3 KL by the (uncapped) probability ratio.
 
     Returns:
         per_token_loss: (B, T), unmasked.
         ratio: (B, T) probability ratios.
-        kl: (B, T) k3 KL whenever ``ref_log_probs`` is given (also at beta = 0, for logging), else None.
+        kl: (B, T) the KL term beta multiplies (ratio-weighted with the correction, TRL's logged ``kl``) whenever
+            ``ref_log_probs`` is given (also at beta = 0, for logging), else None.
 
     Raises:
         ValueError: ``beta != 0`` without ``ref_log_probs``.
@@ -129,6 +136,8 @@ def grpo_per_token_loss(
     if importance_weights is not None:
         loss = loss * importance_weights
     kl = None if ref_log_probs is None else k3_kl(log_probs, ref_log_probs)
+    if kl is not None and use_bias_correction_kl:
+        kl = kl * ratio
     if kl is not None and beta != 0:
         loss = loss + beta * kl
     return loss, ratio, kl
@@ -145,12 +154,16 @@ def importance_sampling_weights(
 ) -> Tensor:
     """Weights that correct for sampling with vLLM's numerics instead of the trainer's (no gradient).
 
-    With ``d = mask * (old_log_probs - sampling_log_probs)`` per token:
+    With ``d = mask * (old_log_probs - sampling_log_probs)`` per token (NaN, a log-prob the sampler did not report,
+    counts as 0, so its ratio is 1):
 
     * ``token_truncate``: ``clip(exp(d), cap_min, cap)``;
     * ``token_mask``: ``exp(d)`` where ``cap_min <= exp(d) <= cap``, else 0;
     * ``sequence_truncate``: ``clip(exp(sum_t d), cap_min, cap)`` (the product of the token ratios);
     * ``sequence_mask`` (default): ``exp(sum_t d)`` where within ``[cap_min, cap]``, else 0.
+
+    The same operations in the same order as TRL 1.16's vLLM importance-sampling correction (bounds on the ratio,
+    not on its log), so for float32 log-probs the weights are bitwise TRL's.
 
     Args:
         old_log_probs: (N, C) trainer log-probs of the sampled tokens before the update.
@@ -161,18 +174,17 @@ def importance_sampling_weights(
         cap_min: lower bound C_min; None = no lower bound.
 
     Returns:
-        (N, C) for token modes (1 at masked positions), (N, 1) for sequence modes; multiply into the per-token loss.
+        (N, C) for token modes (1 at masked positions), (N, 1) for sequence modes; multiply into the surrogate.
     """
     if mode not in IS_MODES:
         raise ValueError(f"mode must be one of {IS_MODES}, got {mode!r}")
     if cap <= 0 or (cap_min is not None and not 0 <= cap_min <= cap):
         raise ValueError(f"need 0 <= cap_min <= cap and cap > 0, got cap_min={cap_min}, cap={cap}")
-    d = (old_log_probs.float() - sampling_log_probs.float()) * mask.float()
+    d = torch.nan_to_num((old_log_probs.float() - sampling_log_probs.float()) * mask.float(), nan=0.0)
     if mode.startswith("sequence"):
         d = d.sum(dim=1, keepdim=True)
-    hi = math.log(cap)
-    lo = math.log(cap_min) if cap_min else -math.inf
+    ratio = d.exp()
     if mode.endswith("truncate"):
-        return d.clamp(min=lo, max=hi).exp()
-    keep = (d <= hi) & (d >= lo)
-    return torch.where(keep, d.exp(), torch.zeros_like(d))
+        return ratio.clamp(min=cap_min, max=cap)
+    low = -math.inf if cap_min is None else cap_min
+    return ratio.masked_fill((ratio < low) | (ratio > cap), 0.0)

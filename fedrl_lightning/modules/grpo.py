@@ -46,16 +46,26 @@ class GRPOModule(PolicyGradientModule):
         num_generations: completions per prompt (G), >= 2: each completion's advantage compares it with the others
             of its prompt.
         scale_rewards: ``group``, ``batch`` or ``none`` (Dr. GRPO): what the centred reward is divided by.
+        use_bias_correction_kl: multiply the k3 KL term (``beta > 0``) by the ratio exp(logp - old_logp), as TRL's
+            option of that name (on by default, as in TRL 1.16): its gradient is then the unbiased reverse-KL gradient.
+            It changes the gradient even with one iteration, where the ratio's value is 1; False = the plain k3 term.
         **kwargs: the rest of the sampling and loss arguments (``reward_funcs``, ``prompts_per_step``,
             ``loss_type``, ``epsilon``, ``beta``, ``num_iterations``, ...), see ``PolicyGradientModule``, and the
             policy's (``model``, ``lora_r``, ``learning_rate``, ...), see ``PolicyModule``.
     """
 
-    def __init__(self, num_generations: int = 8, scale_rewards: ScaleRewards = "group", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_generations: int = 8,
+        scale_rewards: ScaleRewards = "group",
+        use_bias_correction_kl: bool = True,
+        **kwargs: Any,
+    ) -> None:
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (group-relative advantages), got {num_generations}")
         super().__init__(num_generations=num_generations, **kwargs)
         self.scale_rewards = scale_rewards
+        self.use_bias_correction_kl = use_bias_correction_kl
 
     def make_batch(self, rollout: Rollout, rewards_per_func: Tensor) -> GRPOBatch:
         """Advantages, loss mask, cached old and reference log-probs; logs TRL's rollout metrics."""

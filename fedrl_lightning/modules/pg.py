@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from fedrl_lightning.errors import StopFederation
 from fedrl_lightning.losses import (
     LossType,
     aggregate_loss,
@@ -99,8 +100,19 @@ class PolicyGradientModule(PolicyModule):
         vllm_importance_sampling_mode: ``sequence_mask``, ``sequence_truncate``, ``token_mask`` or ``token_truncate``
             (see ``losses.importance_sampling_weights``).
         vllm_importance_sampling_cap: upper bound of that ratio.
+        max_reward_failure_rate: a step where a reward function fails (raises, or returns NaN/inf) on more than
+            this share of its samples stops the run (``StopFederation``, exit code 3) instead of training on what is
+            left; 1.0 (default) stops only when it fails on every sample. Failures below it are counted as
+            ``rewards/<fn>/errors`` and warned about.
+        reward_timeout: seconds one reward function's call on a step's batch may take, enforced while it runs (the
+            call runs in a forked process and is killed at the limit; its samples count as failed). None = no
+            limit, called in process (cheaper).
         **kwargs: the policy's arguments (``model``, ``lora_r``, ``learning_rate``, ...), see ``PolicyModule``.
     """
+
+    # Weight the k3 KL term by the probability ratio (``losses.grpo_per_token_loss``). Off here so that algorithms
+    # other than GRPO keep the plain k3 term; ``GRPOModule`` takes it as TRL's ``use_bias_correction_kl`` (default on).
+    use_bias_correction_kl: bool = False
 
     def __init__(
         self,
@@ -125,6 +137,8 @@ class PolicyGradientModule(PolicyModule):
         vllm_importance_sampling_correction: bool = True,
         vllm_importance_sampling_mode: ImportanceSamplingMode = "sequence_mask",
         vllm_importance_sampling_cap: float = 3.0,
+        max_reward_failure_rate: float = 1.0,
+        reward_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         for name, value in (
@@ -136,6 +150,13 @@ class PolicyGradientModule(PolicyModule):
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 <= max_reward_failure_rate <= 1:
+            raise ValueError(f"max_reward_failure_rate must be in [0, 1], got {max_reward_failure_rate}")
+        if reward_timeout is not None and not reward_timeout > 0:
+            raise ValueError(f"reward_timeout must be > 0 seconds (or null), got {reward_timeout}")
+        self.max_reward_failure_rate, self.reward_timeout = max_reward_failure_rate, reward_timeout
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         self.reward_funcs = list(reward_funcs) if reward_funcs else [accuracy_reward]
         if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
             raise ValueError(
@@ -164,19 +185,25 @@ class PolicyGradientModule(PolicyModule):
         """Rewards (N, K) of a rollout; ``examples`` are the prompts' rows, each repeated ``group_size`` times."""
         prompts, columns = expand_columns(examples, group_size)
         completions = [[{"role": "assistant", "content": text}] for text in rollout.completions]
-        rewards, errors = compute_rewards(self.reward_funcs, prompts, completions, columns)
+        rewards, errors = compute_rewards(self.reward_funcs, prompts, completions, columns, self.reward_timeout)
         for k, fn in enumerate(self.reward_funcs):
             name = reward_func_name(fn)
             self.tracker.update(f"rewards/{name}/mean", torch.nanmean(rewards[:, k]))
             self.tracker.update(f"rewards/{name}/std", nanstd(rewards[:, k]))
             if errors.get(name):
                 self.tracker.update(f"rewards/{name}/errors", errors[name])
+                rate = errors[name] / max(1, len(completions))
+                if rate >= 1.0 or rate > self.max_reward_failure_rate:
+                    raise StopFederation(
+                        f"reward function {name!r} failed on {errors[name]} of {len(completions)} samples of a step "
+                        f"(max_reward_failure_rate {self.max_reward_failure_rate}); see the warnings above"
+                    )
         # The round's rollout accuracy (a task-aware server weighs clients by it).
         k = next((k for k, fn in enumerate(self.reward_funcs) if fn is self.accuracy_func), None)
         correct = (
             rewards[:, k]
             if k is not None
-            else compute_rewards([self.accuracy_func], prompts, completions, columns)[0][:, 0]
+            else compute_rewards([self.accuracy_func], prompts, completions, columns, self.reward_timeout)[0][:, 0]
         )
         self.tracker.update("accuracy", (correct.nan_to_num(0.0) >= 1.0).float().mean())
         return rewards
@@ -239,6 +266,10 @@ class PolicyGradientModule(PolicyModule):
         self, batch: PolicyGradientBatch, log_probs: Tensor, old: Tensor, advantages: Tensor, log: bool = True
     ) -> Tensor:
         """The clipped, KL-penalised, importance-corrected loss of a micro-batch for ``advantages`` (B,) or (B, C)."""
+        sampled = batch.rollout.sampling_log_probs
+        weights = None
+        if self.is_correction and sampled is not None:
+            weights = self.importance_weights(old, sampled, batch.mask, log)
         per_token, ratio, kl = grpo_per_token_loss(
             log_probs,
             old,
@@ -248,10 +279,9 @@ class PolicyGradientModule(PolicyModule):
             epsilon_low=self.epsilon,
             epsilon_high=self.epsilon_high,
             delta=self.delta,
+            importance_weights=weights,  # the surrogate's only, not the KL term's (TRL)
+            use_bias_correction_kl=self.use_bias_correction_kl,
         )
-        sampled = batch.rollout.sampling_log_probs
-        if self.is_correction and sampled is not None:
-            per_token = per_token * self.importance_weights(old, sampled, batch.mask, log)
         loss = aggregate_loss(
             per_token,
             batch.mask,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         if lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {lora_r}")
+        if not learning_rate > 0 or weight_decay < 0:
+            raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
         self.model_name, self.cache_dir = model, cache_dir
         self.learning_rate, self.weight_decay, self.adam_betas = learning_rate, weight_decay, tuple(adam_betas)
         self.max_grad_norm = max_grad_norm
@@ -108,7 +110,6 @@ class PolicyModule(L.LightningModule):
             torch.manual_seed(seed)
             self.model: PeftModel = get_peft_model(base, lora)
         self.tracker = MetricTracker()
-        self.reference_policy: Callable[..., Tensor] | None = None
 
     # -- the trainable state, which is what clients own and what crosses the network --------------------------
 
@@ -144,6 +145,14 @@ class PolicyModule(L.LightningModule):
 
     def load_client_state(self, state: dict[str, Any]) -> None:
         """Swap in a client's private algorithm state (``{}`` before its first round: start fresh)."""
+
+    def begin_round(self, received: Mapping[str, Tensor]) -> None:
+        """Called by the client when a round starts, after the start adapter and the client state are loaded, with
+        the tensors the server sent this client (the aggregator's ``downlink``/``client_downlink``): an algorithm
+        whose round depends on them (Federated PPO's peer mixture) prepares here. Nothing by default."""
+
+    def end_round(self) -> None:
+        """Called by the client when the round's local steps are over (or failed): drop what ``begin_round`` made."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = list(self.trainable_parameters().values())
@@ -279,10 +288,7 @@ class PolicyModule(L.LightningModule):
     @torch.no_grad()
     def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
         """Completion log-probs of the KL reference: the base model (the same network with the adapter disabled, no
-        second copy), or ``reference_policy(self, *args, temperature=...)`` when a callback has set one (Federated
-        PPO's mixture of peer snapshots)."""
-        if self.reference_policy is not None:
-            return self.reference_policy(self, *args, temperature=temperature)
+        second copy). ``PPOModule`` with a ``peer_reference`` mixes peer snapshots instead."""
         with self.model.disable_adapter():
             return self.completion_log_probs(*args, temperature=temperature)[0]
 

@@ -8,14 +8,16 @@ PPO adds:
 * per-token rewards r_t = -kl_coef (log π_old - log π_ref)_t (k1) plus the sequence score on the last token;
 * GAE(γ, λ) advantages and returns, whitened advantages, a clipped value loss weighted by ``vf_coef``;
 * ``num_iterations`` PPO epochs, each over ``num_mini_batches`` shuffled minibatches (one optimizer step each);
-* TunePPO's penalties: a completion with no EOS or shorter than ``min_response_length`` scores ``penalty_score``.
+* TunePPO's penalties: a completion with no EOS or shorter than ``min_response_length`` scores ``penalty_score``;
+* Federated PPO's reference (optional): a mixture of the peers' snapshots, rebuilt each round from what the server
+  sent (``peer_reference``, ``fedrl_lightning.algorithms.fedppo``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -24,6 +26,8 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
+from fedrl_lightning.algorithms.fedppo.mixture import MixtureReference
+from fedrl_lightning.algorithms.fedppo.peers import PeerReference
 from fedrl_lightning.losses import (
     LossType,
     ScaleRewards,
@@ -99,6 +103,9 @@ class PPOModule(PolicyGradientModule):
         value_model: ``head``: the value head reads the policy's own hidden states (one forward pass for both);
             ``lora``: a separate LoRA adapter (the policy's rank and targets) on the same base feeds the head, so
             the value loss never moves the policy's adapter (TunePPO's value model), at one more forward pass.
+        peer_reference: Federated PPO: the KL reference of each round is the mixture of the adapter the round
+            started from and the peers' snapshots the server sent (``PeerMixture``); with an ordinary aggregator,
+            the synced global model. None: the base model.
         num_iterations: PPO epochs over each generated batch.
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo``: TRL's normalisations of the policy loss.
         scale_rewards: unused: PPO normalises its advantages with ``whiten_advantages``. Accepted so that configs
@@ -121,6 +128,7 @@ class PPOModule(PolicyGradientModule):
         penalize_no_eos: bool = False,
         min_response_length: int = 0,
         value_model: Literal["head", "lora"] = "head",
+        peer_reference: PeerReference | None = None,
         num_iterations: int = 4,
         loss_type: LossType = "bnpo",
         scale_rewards: ScaleRewards = "group",
@@ -140,6 +148,8 @@ class PPOModule(PolicyGradientModule):
         if value_model not in ("head", "lora"):
             raise ValueError(f"value_model must be 'head' or 'lora', got {value_model!r}")
         self.value_model = value_model
+        self.peer_reference = peer_reference
+        self.round_reference: MixtureReference | None = None  # this round's, from begin_round
         if value_model == "lora":
             with torch.random.fork_rng():  # a deterministic init that leaves the caller's RNG stream alone
                 torch.manual_seed(kwargs.get("seed", 0) + 1)
@@ -167,6 +177,28 @@ class PPOModule(PolicyGradientModule):
             with only_adapter(self.model, VALUE_ADAPTER):
                 hidden = self.completion_forward(*args, with_hidden=True)[2]
         return log_probs, entropy, self.value_head(hidden).squeeze(-1)
+
+    # -- the round's reference ---------------------------------------------------------------------------------
+
+    def begin_round(self, received: Mapping[str, Tensor]) -> None:
+        """With a ``peer_reference``: this round's reference from the start adapter and ``received``; logs the
+        mixing weights as ``peers/weight_self`` and ``peers/weight_client<j>``."""
+        if self.peer_reference is None:
+            return
+        self.round_reference = self.peer_reference.reference(self.trainable_state(), received)
+        for name, w in self.peer_reference.weights(received).items():
+            self.tracker.update(f"peers/weight_{name}", w)
+
+    def end_round(self) -> None:
+        self.round_reference = None
+
+    @torch.no_grad()
+    def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
+        """Completion log-probs of the KL reference: this round's peer mixture if there is one, else the base
+        model's."""
+        if self.round_reference is not None:
+            return self.round_reference(self, *args, temperature=temperature)
+        return super().reference_log_probs(*args, temperature=temperature)
 
     # -- the batch ---------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from fedrl_lightning.rewards.math import accuracy_reward
 from fedrl_lightning.rewards.qa import qa_exact_match, qa_reward
 from fedrl_lightning.rewards.reasoning_gym import reasoning_gym_reward
 from fedrl_lightning.rewards.scaled import ScaledReward
+from fedrl_lightning.rewards.timeout import RewardTimeout, call_with_timeout
 
 __all__ = [
     "CodeReward",
@@ -85,7 +86,11 @@ def _to_floats(name: str, values: Any, expected: int) -> list[float]:
 
 
 def compute_rewards(
-    reward_funcs: Sequence[RewardFunc], prompts: list, completions: list, columns: dict[str, list]
+    reward_funcs: Sequence[RewardFunc],
+    prompts: list,
+    completions: list,
+    columns: dict[str, list],
+    timeout: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Evaluates reward functions over a batch.
 
@@ -98,6 +103,8 @@ def compute_rewards(
         prompts: N prompts.
         completions: N completions.
         columns: Dataset columns, each a list of N values, passed as keyword arguments.
+        timeout: seconds a function's call on the batch may run (enforced while it runs, in a forked process); a
+            call past it is killed and all its samples fail (no per-sample retry). None = no limit, in process.
 
     Returns:
         ``(rewards, errors)``: ``rewards`` is an ``(N, K)`` float32 tensor with NaN where a function returned None
@@ -127,26 +134,41 @@ def compute_rewards(
         name = reward_func_name(func)
         errors.setdefault(name, 0)
         try:
-            values = func(prompts=prompts, completions=completions, **columns)
+            if timeout is None:
+                values = func(prompts=prompts, completions=completions, **columns)
+            else:
+                values = call_with_timeout(func, timeout, prompts=prompts, completions=completions, **columns)
+        except RewardTimeout as exc:
+            log.warning("reward function %r: %s; its %d samples count as failed", name, exc, n)
+            values, errors[name] = [None] * n, errors[name] + n
         except Exception as exc:
             log.warning("reward function %r failed on a batch of %d (%s); retrying per sample", name, n, exc)
-            values, failed = _per_sample(func, name, prompts, completions, columns)
+            values, failed = _per_sample(func, name, prompts, completions, columns, timeout)
             errors[name] += failed
             if failed:
                 log.warning("reward function %r failed on %d/%d samples; those rewards are NaN", name, failed, n)
-        rewards[:, k] = torch.tensor(_to_floats(name, values, n), dtype=torch.float32)
+        column = torch.tensor(_to_floats(name, values, n), dtype=torch.float32)
+        returned = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        bad = returned & ~torch.isfinite(column)  # NaN or inf returned as a value (None is an abstention)
+        if bad.any():
+            count = int(bad.sum())
+            log.warning("reward function %r returned %d non-finite values of %d; they count as failed", name, count, n)
+            column[bad] = _NAN
+            errors[name] += count
+        rewards[:, k] = column
     return rewards, errors
 
 
 def _per_sample(
-    func: RewardFunc, name: str, prompts: list, completions: list, columns: dict[str, list]
+    func: RewardFunc, name: str, prompts: list, completions: list, columns: dict[str, list], timeout: float | None
 ) -> tuple[list[float | None], int]:
     values: list[float | None] = []
     failed = 0
     for i in range(len(completions)):
         sample_columns = {key: column[i : i + 1] for key, column in columns.items()}
         try:
-            out = func(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **sample_columns)
+            one = dict(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **sample_columns)
+            out = func(**one) if timeout is None else call_with_timeout(func, timeout, **one)
         except Exception as exc:
             log.debug("reward function %r failed on sample %d: %s", name, i, exc, exc_info=True)
             values.append(None)

@@ -2,15 +2,15 @@
 
 Each client's KL reference is not the base model but a mixture of every client's latest snapshot, so the usual
 trust-region KL pulls a client toward where its peers are (TunePPO's "trajectory attractor"). Here: the mixing
-weights and the mixture of the peers' logits (pure), and ``MixtureReference``, the reference a module calls; when
-and with which snapshots is ``callbacks.peer_mixture``'s business. With self-preference 1 the reference is the
-client's own snapshot (isolated PPO whose reference is refreshed at every sync).
+weights and the mixture of the peers' logits (pure), and ``MixtureReference``, the reference a module calls; which
+snapshots, with which weights, is ``peers``' business (the ``PeerMixture`` aggregator and the module's
+``PeerReference``). With self-preference 1 the reference is the client's own snapshot (isolated PPO whose reference
+is refreshed at every sync).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -111,30 +111,22 @@ def mixture_log_probs(
 
 
 class MixtureReference:
-    """A client's KL reference: the mixture of peer snapshots, set as ``PolicyModule.reference_policy``.
+    """A client's KL reference for one round: the mixture of peer snapshots (``PPOModule``'s ``peer_reference``).
 
     Called as ``reference(module, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=T)``. Each
     snapshot of non-zero weight is swapped into the module's trainable state for one no-grad forward pass over the
-    completions, then the client's live state is restored. ``transport(peer, logits, sequences)`` (optional) carries
-    the logits across the channel as in ``logit_exchange``, where the peer computes them and sends them back.
+    completions, then the client's live state is restored.
 
     Args:
         snapshots: per peer, its trainable state (adapter) at the last sync.
         weights: (N,) mixing weights, one per snapshot.
         space: ``logits`` or ``probs``.
-        transport: ``(peer_index, logits, sequences) -> logits`` as received, or None (snapshots held locally).
     """
 
-    def __init__(
-        self,
-        snapshots: list[dict[str, Tensor]],
-        weights: Tensor,
-        space: MixtureSpace = "logits",
-        transport: Callable[[int, Tensor, dict[str, Tensor]], Tensor] | None = None,
-    ) -> None:
+    def __init__(self, snapshots: list[dict[str, Tensor]], weights: Tensor, space: MixtureSpace = "logits") -> None:
         if len(snapshots) != len(weights):
             raise ValueError(f"{len(snapshots)} snapshots but {len(weights)} weights")
-        self.snapshots, self.weights, self.space, self.transport = snapshots, weights, space, transport
+        self.snapshots, self.weights, self.space = snapshots, weights, space
 
     @torch.no_grad()
     def __call__(
@@ -148,22 +140,13 @@ class MixtureReference:
     ) -> Tensor:
         """(B, C) log-probs of the completion tokens under the mixture."""
         acc = MixtureAccumulator(self.space, temperature if temperature > 0 else 1.0)
-        sequences = {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-        }
         live = module.trainable_state()
         try:
-            for j, (snapshot, w) in enumerate(zip(self.snapshots, self.weights.tolist())):
+            for snapshot, w in zip(self.snapshots, self.weights.tolist()):
                 if w <= 0:
                     continue
                 module.load_trainable_state(snapshot)
-                logits = module.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)
-                if self.transport is not None:
-                    logits = self.transport(j, logits, sequences)
-                acc.add(logits, w)
+                acc.add(module.completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask), w)
         finally:
             module.load_trainable_state(live)
         return acc.log_probs(completion_ids)
