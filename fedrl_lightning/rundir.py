@@ -91,17 +91,21 @@ def resume_point(checkpoint_dir: Path, ckpt_path: str | None, current: Mapping[s
 
 
 def lineage(checkpoint_dir: Path, path: Path) -> list[Path]:
-    """The checkpoints of the run resumed from ``path``: same directory, same settings, not newer (prunable)."""
+    """The checkpoints of the run resumed from ``path`` (a valid one): same directory, same settings, not newer,
+    valid (prunable). Each manifest is read once; only the other candidates' hashes are checked."""
     if path.parent != checkpoint_dir:
         return []
     last = checkpoint.manifest(path)
-    return [
-        p
-        for p in sorted(checkpoint_dir.glob("round-*"))
-        if checkpoint.is_valid(p)
-        and checkpoint.manifest(p)["round"] <= last["round"]
-        and checkpoint.manifest(p).get("settings") == last.get("settings")
-    ]
+    mine = []
+    for p in sorted(checkpoint_dir.glob("round-*")):
+        try:
+            m = checkpoint.manifest(p)
+        except (OSError, ValueError):  # no manifest: torn, not ours to prune
+            continue
+        same = m.get("round", last["round"] + 1) <= last["round"] and m.get("settings") == last.get("settings")
+        if same and (p == path or checkpoint.is_valid(p)):
+            mine.append(p)
+    return mine
 
 
 class RunLock:

@@ -160,6 +160,7 @@ class Server:
         self.settings: dict[str, Any] | None = None  # the run's settings, stored with each checkpoint (see rundir)
         self.finished_before = False  # the checkpoint resumed from had completed every round already
         self._written: list[Path] = []  # the checkpoints this run wrote (or resumed from): the only ones it prunes
+        self._plan: tuple[str | None, Path | None] | None = None  # (ckpt_path, its checked checkpoint)
 
     def _fire(self, hook: str, **kwargs: Any) -> None:
         fire(self.callbacks, hook, **{**self.hook_context, "server": self, **kwargs})
@@ -303,14 +304,19 @@ class Server:
             log.info("round %d checkpoint: %s, %.2f MB", self.round_idx, final, size / 1e6)
 
     def plan_resume(self, ckpt_path: str | None) -> Path | None:
-        """The checkpoint ``fit(ckpt_path)`` would resume from, once the run may use it (``rundir.resume_point``)."""
+        """The checkpoint ``fit(ckpt_path)`` would resume from, once the run may use it (``rundir.resume_point``).
+        Kept until ``resume`` uses it: finding and checking it hashes checkpoints, which a caller checking early (the
+        trainer, before building the model) need not pay twice."""
         if self.checkpoint_dir is None:
             return None
-        return rundir.resume_point(self.checkpoint_dir, ckpt_path, self.settings)
+        if self._plan is None or self._plan[0] != ckpt_path:
+            self._plan = (ckpt_path, rundir.resume_point(self.checkpoint_dir, ckpt_path, self.settings))
+        return self._plan[1]
 
     def resume(self, transport: Transport, ckpt_path: str | None) -> None:
         """Continue from a checkpoint (``ckpt_path`` as in ``fit``); loggers keep the rows of its rounds."""
         path = self.plan_resume(ckpt_path)
+        self._plan = None  # used: a later fit looks again
         if path is None:
             return
         checkpoint.load(path, self.fabric, {"server": self, "clients": transport})

@@ -9,6 +9,7 @@ outputs. ``num_clients: 1`` is plain centralized GRPO; ``aggregation: null`` is 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 from lightning.fabric.strategies import Strategy
@@ -233,7 +234,7 @@ class FederatedTrainer:
         Raises:
             ClientFault: the client failed (its stored state is unchanged then).
         """
-        reply = self.transport.train(round_idx, lambda cid: self.server.downlink(round_idx, cid), [client_id])[0]
+        reply = self.transport.train(round_idx, partial(self.server.downlink, round_idx), [client_id])[0]
         if reply.update is None:
             raise ClientFault(reply.error)
         return reply.update
