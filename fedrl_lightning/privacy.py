@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrl_lightning.aggregation import Aggregator, ClientUpdate
+from fedrl_lightning.aggregation import Accumulator, Aggregator, ClientUpdate
 from fedrl_lightning.errors import StopFederation
 
 __all__ = [
+    "ClippedSum",
     "DPFedAvg",
     "PrivacyAccountant",
     "PrivacyBudgetExhausted",
@@ -178,6 +179,9 @@ class DPFedAvg(Aggregator):
     leaving this aggregator's state untouched: the trainer catches it, checkpoints the last released global adapter
     and stops cleanly.
 
+    It streams (``begin``, ``ClippedSum``): each update is clipped and added to one sum as it arrives; the noise, the
+    budget check and every change of this aggregator's state happen in ``finish``.
+
     Args:
         num_clients: size of the client population, for the sampling rate q = sampled clients / num_clients.
         noise_multiplier: z, the noise std in units of the clip norm on the sum of clipped updates; 0 disables the
@@ -274,10 +278,27 @@ class DPFedAvg(Aggregator):
         """
         return {"dp/epsilon": self.epsilon, **self._last}
 
+    _streams = True
+
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        if not updates:
-            return global_state
-        m = len(updates)
+        acc = self.accumulator(global_state)
+        for update in updates:
+            acc.fold(update)
+        return acc.finish()
+
+    def accumulator(self, global_state: dict[str, Tensor]) -> ClippedSum:
+        """The round's sum of clipped deltas, folded as the updates arrive; ``finish`` checks the budget, adds the
+        noise and releases (see ``ClippedSum``)."""
+        return ClippedSum(self, global_state)
+
+    def release(self, global_state: dict[str, Tensor], acc: ClippedSum) -> dict[str, Tensor]:
+        """The noised mean of the round's clipped deltas added to ``global_state``, the clip and accountant stepped.
+
+        Raises:
+            PrivacyBudgetExhausted: the round would bring epsilon above ``target_epsilon`` (nothing released, this
+                aggregator unchanged).
+        """
+        m = acc.count
         if m > self.num_clients:
             raise ValueError(f"{m} updates from a population of num_clients={self.num_clients}")
         q = m / self.num_clients
@@ -293,17 +314,7 @@ class DPFedAvg(Aggregator):
                     f"epsilon spent so far: {self.epsilon:.4g} after {self.rounds} rounds"
                 )
 
-        clip = self.clip_norm
-        names = [name for name, t in global_state.items() if t.is_floating_point()]
-        base = {name: global_state[name].detach().to("cpu", torch.float64) for name in names}
-        total = {name: torch.zeros_like(base[name]) for name in names}
-        num_clipped = 0
-        for update in updates:
-            delta = {name: update.state[name].detach().to("cpu", torch.float64) - base[name] for name in names}
-            clipped, was_clipped = clip_update(delta, clip)
-            num_clipped += was_clipped
-            for name in names:
-                total[name] += clipped[name]
+        clip, names, base, total, num_clipped = acc.clip, acc.names, acc.base, acc.total, acc.num_clipped
         noise_std = z_delta * clip / m
         mean = add_gaussian_noise({name: total[name] / m for name in names}, noise_std, self.generator)
         new_state = dict(global_state)
@@ -344,3 +355,33 @@ class DPFedAvg(Aggregator):
         self.generator.set_state(state["generator"].clone())
         self.accountant.load_state_dict(state["accountant"])
         self._last = dict(state["last_metrics"])
+
+
+class ClippedSum(Accumulator):
+    """DP-FedAvg's streaming accumulator: each update's delta to the global adapter is clipped to the round's C and
+    added to one float64 sum (in arrival order) as it arrives; ``finish`` is ``DPFedAvg.release``. The mean divides
+    by m, the number of updates, known only at the end; so do the sampling rate and the budget check, which still
+    come before anything is released. Nothing of the aggregator changes before ``finish``.
+    """
+
+    def __init__(self, aggregator: DPFedAvg, global_state: dict[str, Tensor]) -> None:
+        self.aggregator, self.global_state = aggregator, global_state
+        self.clip = aggregator.clip_norm
+        self.names = [name for name, t in global_state.items() if t.is_floating_point()]
+        self.base = {name: global_state[name].detach().to("cpu", torch.float64) for name in self.names}
+        self.total = {name: torch.zeros_like(self.base[name]) for name in self.names}
+        self.num_clipped = self.count = 0
+
+    def fold(self, update: ClientUpdate) -> None:
+        delta = {name: update.state[name].detach().to("cpu", torch.float64) - self.base[name] for name in self.names}
+        clipped, was_clipped = clip_update(delta, self.clip)
+        del delta
+        self.num_clipped += was_clipped
+        for name in self.names:
+            self.total[name] += clipped[name]
+        self.count += 1
+
+    def finish(self) -> dict[str, Tensor]:
+        if not self.count:
+            return self.global_state
+        return self.aggregator.release(self.global_state, self)

@@ -1,10 +1,15 @@
-"""What a person reads of a run: the plan before it starts, one line per round, the summary table at the end."""
+"""What a person reads of a run: the plan before it starts, the progress display, one line per round, completion
+tables, the summary table at the end; and the loggers that write the metrics (``metrics.csv``, TensorBoard, W&B,
+MLflow)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,23 +20,89 @@ if TYPE_CHECKING:
 
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 
-def run_loggers(output_dir: str | Path) -> list[Logger]:
-    """A run's loggers: ``metrics.csv`` and TensorBoard logs under ``output_dir``."""
-    return [MetricsCSV(output_dir), TensorBoardLogger(str(output_dir), name="tensorboard", version="")]
+def _requires(package: str) -> None:
+    """An optional extra's package, or one line saying how to install it."""
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"trainer.loggers: {package} is not installed: pip install 'fedrl-lightning[{package}]'")
+
+
+def _wandb(output_dir: Path) -> Logger:
+    _requires("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    project = os.environ.get("WANDB_PROJECT", "fedrl-lightning")
+    return WandbLogger(name=output_dir.name, save_dir=str(output_dir), project=project)
+
+
+def _mlflow(output_dir: Path) -> Logger:
+    _requires("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    # $MLFLOW_TRACKING_URI wins; else a file store under the output directory.
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fedrl-lightning")
+    return MLFlowLogger(experiment_name=experiment, run_name=output_dir.name, save_dir=str(output_dir / "mlruns"))
+
+
+LOGGERS: dict[str, Callable[[Path], Logger]] = {
+    "csv": lambda out: MetricsCSV(out),
+    "tensorboard": lambda out: TensorBoardLogger(str(out), name="tensorboard", version=""),
+    "wandb": _wandb,
+    "mlflow": _mlflow,
+}
+"""The loggers ``trainer.loggers`` names; ``wandb`` and ``mlflow`` are optional extras."""
+
+
+def run_loggers(output_dir: str | Path, names: Sequence[str] = ("csv", "tensorboard")) -> list[Logger]:
+    """A run's loggers by name (``LOGGERS``): ``metrics.csv`` and TensorBoard logs under ``output_dir`` by default.
+
+    Raises:
+        ValueError: an unknown name, or an optional logger whose package is missing (one line each).
+    """
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise ValueError(f"trainer.loggers: unknown logger {unknown[0]!r}; choose from {', '.join(LOGGERS)}")
+    return [LOGGERS[name](Path(output_dir)) for name in dict.fromkeys(names)]
+
+
+def _round_of(row: Mapping[str, Any]) -> int | None:
+    """The round a ``metrics.csv`` row belongs to (a round row written before the ``round`` column: its ``step``);
+    None for a row without either."""
+    for key in ("round", "step"):
+        if row.get(key) not in (None, ""):
+            return int(float(row[key]))
+    return None
 
 
 class MetricsCSV(Logger):
-    """``metrics.csv``, one row per round (``step``), appended to and never deleted.
+    """``metrics.csv``: one row per round and, with ``trainer.log_every_n_steps``, one per client local step;
+    appended to and never deleted.
+
+    A round's row has ``round`` and empty ``client`` and ``step`` (files written before local-step rows existed
+    have no ``round`` column and the round in ``step``). A local step's row (``log_rows``, written just before its
+    round's row) has ``round``, ``client``, ``step`` (the run's local step, ``(round - 1) * local_steps + i + 1``)
+    and the step's own metrics under the names of the round's per-client ones (``reward``, ``loss``, ``kl``,
+    ``learning_rate``...): round rows are those with an empty ``client``.
 
     Lightning's CSV logger deletes an existing file when it starts, so a resumed run would rely on replaying every
     earlier row. Here a resume calls ``resume(history)``: rows of the checkpointed rounds stay as they are; rows of
-    rounds after the checkpoint (their checkpoint never landed, they run again) are dropped; rows missing from the
-    file are restored from the history. A file that already matches is not touched.
+    rounds after the checkpoint (their checkpoint never landed, they run again) are dropped, step rows included;
+    round rows missing from the file are restored from the history (step rows are not in checkpoints: missing ones
+    stay missing). A file that already matches is not touched.
     """
 
     def __init__(self, output_dir: str | Path) -> None:
@@ -52,7 +123,14 @@ class MetricsCSV(Logger):
 
     @rank_zero_only  # every rank logs the same rounds; one writes
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._pending.append({**{k: float(v) for k, v in metrics.items()}, "step": step})
+        self._pending.append(
+            {**{k: float(v) for k, v in metrics.items()}, "round": step}
+        )  # Lightning's step: the round
+
+    @rank_zero_only  # every rank logs the same rounds; one writes
+    def log_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Local-step rows (``round``, ``client``, ``step`` and the step's metrics), written at the next ``save``."""
+        self._pending.extend(dict(row) for row in rows)
 
     @rank_zero_only  # every rank logs the same rounds; one writes
     def save(self) -> None:
@@ -72,15 +150,20 @@ class MetricsCSV(Logger):
         """Make the file hold exactly the checkpointed rounds' rows, keeping the rows already written for them."""
         header, rows = self._read()
         done = {int(h["round"]): h for h in history}
-        kept = [row for row in rows if row.get("step") not in (None, "") and int(float(row["step"])) in done]
-        have = {int(float(row["step"])) for row in kept}
-        missing = [
-            {**{k: v for k, v in h.items() if k != "round"}, "step": r} for r, h in done.items() if r not in have
-        ]
+        kept = [row for row in rows if _round_of(row) in done]
+        have = {_round_of(row) for row in kept if not row.get("client")}
+        missing = [dict(h) for r, h in done.items() if r not in have]
         if len(kept) == len(rows) and not missing:
             return
         keys = sorted(set(header) | {k for row in missing for k in row})
-        self._write(keys, sorted(kept + missing, key=lambda row: int(float(row["step"]))))
+        # stable: a round's step rows stay before its row
+        self._write(keys, sorted(kept + missing, key=_round_of))
+
+    def step_rewards(self) -> list[tuple[int, int, float]]:
+        """(client, step, reward) of the file's local-step rows, for the plot."""
+        rows = self._read()[1]
+        steps = [r for r in rows if r.get("client") and r.get("reward")]
+        return [(int(float(r["client"])), int(float(r["step"])), float(r["reward"])) for r in steps]
 
     def _read(self) -> tuple[list[str], list[dict[str, Any]]]:
         if not self.path.is_file():
@@ -99,16 +182,69 @@ class MetricsCSV(Logger):
         os.replace(tmp, self.path)
 
 
+class EtaColumn(ProgressColumn):
+    """Time left at the pace since the task started, counting work after its ``done_before`` field (a resumed run's
+    earlier rounds); rich's own estimate needs progress within its last 30 s, which a long round does not give."""
+
+    def render(self, task: Task) -> Text:
+        done = task.completed - task.fields.get("done_before", 0)
+        if not task.total or done <= 0 or not task.elapsed or task.finished:
+            return Text("")
+        left = task.elapsed / done * (task.total - task.completed)
+        return Text(f"eta {timedelta(seconds=round(left))}", style="progress.remaining")
+
+
+class InfoColumn(ProgressColumn):
+    """A task's ``info`` field (e.g. the last local step's reward)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("info", "")), style="cyan")
+
+
 def progress_bar(console: Console | None) -> Progress:
-    """A rich progress display on ``console``; a disabled one without a console."""
+    """A rich progress display on ``console`` (rounds, the round's clients, the client's local steps: each with its
+    elapsed time and ETA); a disabled one without a console."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        EtaColumn(),
+        InfoColumn(),
         console=console,
         disable=console is None,
     )
+
+
+def _short(text: Any, width: int) -> str:
+    """One line of at most ``width`` characters; a conversational prompt shows its last message."""
+    if isinstance(text, list) and text and isinstance(text[-1], Mapping):
+        text = text[-1].get("content", "")
+    line = " ".join(str(text).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def completions_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 8) -> Table:
+    """A compact table of one step's completions (``callbacks.watch.CompletionsLog`` rows), as TRL's."""
+    first = rows[0]
+    title = f"completions: round {first['round']}, client {first['client']}, step {first['step']}"
+    names = list(first.get("rewards", {}))
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("prompt", "completion"):  # cut to a line on a wide console; a narrow one wraps them, not the numbers
+        table.add_column(col)
+    for col in ("reward", *(n.removesuffix("_reward") for n in names), "advantage"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))  # numbers are never squeezed
+
+    def num(value: float | None) -> str:
+        return "nan" if value is None else f"{value:.3f}"
+
+    for row in rows[:max_rows]:
+        per_func = [num(row["rewards"].get(n)) for n in names]
+        cells = (_short(row["prompt"], 40), _short(row["completion"], 60), num(row["reward"]))
+        table.add_row(*cells, *per_func, num(row.get("advantage")))
+    if len(rows) > max_rows:
+        table.caption = f"{max_rows} of {len(rows)} completions (all in completions.jsonl)"
+    return table
 
 
 def print_plan(console: Console, trainer: FederatedTrainer, module: PolicyModule, data: FederatedData) -> None:
@@ -127,6 +263,8 @@ def print_plan(console: Console, trainer: FederatedTrainer, module: PolicyModule
         f"{trainer.num_rounds} rounds x {trainer.local_steps} local steps; {per_step} prompts x {g} generations "
         f"= {per_step * g} completions per step; aggregation {agg}; outputs in {trainer.output_dir}"
     )
+    if "tensorboard" in getattr(trainer, "logger_names", ()):
+        console.print(f"watch the curves live: tensorboard --logdir {trainer.output_dir}")
 
 
 def print_round(console: Console, r: int, num_rounds: int, metrics: dict[str, float]) -> None:
@@ -139,18 +277,120 @@ def print_round(console: Console, r: int, num_rounds: int, metrics: dict[str, fl
     console.print(line)
 
 
-def print_summary(console: Console, history: list[dict[str, float]], client_ids: list[int]) -> None:
-    """Held-out accuracy and reward per client, first evaluation vs last."""
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion: ``successes`` out of ``n`` (95% for ``z = 1.96``).
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a point at 0 or n successes
+    (0 of 16 gives [0, 0.194]), which matters for held-out splits of a few dozen prompts.
+
+    Args:
+        successes: correct answers (a count; a float such as ``accuracy * n`` is rounded to the nearest count).
+        n: trials; 0 gives the uninformative (0, 1).
+        z: the normal quantile of the two-sided level (1.96: 95%).
+
+    Returns:
+        ``(low, high)``.
+    """
+    if n < 0 or z < 0:
+        raise ValueError(f"n and z must be >= 0, got {n} and {z}")
+    if n == 0:
+        return 0.0, 1.0
+    k = round(successes)
+    if not 0 <= k <= n:
+        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
+    p = k / n
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def discordant_pairs(first: Sequence[int | bool], second: Sequence[int | bool]) -> tuple[int, int]:
+    """The discordant pairs of two paired 0/1 outcome vectors (two models scored on the same prompts, in order).
+
+    Returns:
+        ``(b, c)``: ``b`` prompts that ``first`` got right and ``second`` wrong, ``c`` the other way round. The
+        difference of their accuracies is ``(b - c) / len(first)``.
+
+    Raises:
+        ValueError: vectors of different lengths (they cannot be paired).
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired vectors must have the same length, got {len(first)} and {len(second)}")
+    b = sum(1 for x, y in zip(first, second) if x and not y)
+    c = sum(1 for x, y in zip(first, second) if y and not x)
+    return b, c
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of ``b`` against ``c`` discordant pairs (``discordant_pairs``).
+
+    Under the null hypothesis (both models equally accurate on these prompts) each of the ``n = b + c`` discordant
+    pairs falls either way with probability 1/2, so the p-value is the two-sided binomial test of ``min(b, c)`` out
+    of ``n`` at 0.5: ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Binomial(n, 1/2)`` (as
+    ``scipy.stats.binomtest(b, b + c).pvalue``; e.g. b=10, c=2 gives 0.0386). No discordant pair gives 1.0. The
+    concordant pairs carry no information about the difference and do not enter.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b} and {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1))  # exact integers: no underflow for thousands of pairs
+    return min(1.0, 2 * tail / 2**n)
+
+
+def _with_interval(accuracy: float, n: int | None) -> str:
+    """``0.250 [0.16, 0.37]``: an accuracy over ``n`` prompts with its 95% Wilson interval (none without ``n``)."""
+    if n is None or not math.isfinite(accuracy):
+        return f"{accuracy:.3f}"
+    low, high = wilson_interval(accuracy * n, n)
+    return f"{accuracy:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def print_summary(
+    console: Console,
+    history: list[dict[str, float]],
+    client_ids: list[int],
+    eval_sizes: Mapping[int, int] | None = None,
+) -> None:
+    """Held-out accuracy and reward per client, first evaluation vs last.
+
+    With ``eval_sizes`` (each client's count of held-out prompts) every accuracy carries its 95% Wilson interval, and
+    the mean row's interval pools all clients' held-out prompts (the mean itself is the clients' unweighted mean, as
+    ``eval/accuracy_mean``; the two agree when every client holds as many prompts).
+    """
     evals = [h for h in history if "eval/accuracy_mean" in h]
     if not evals:
         return
     first, last = evals[0], evals[-1]
-    table = Table(title=f"held-out accuracy (round {first['round']} -> {last['round']})")
-    for col in ("client", "before", "after", "reward before", "reward after"):
-        table.add_column(col, justify="right")
+    sizes = dict(eval_sizes or {})
+    title = f"held-out accuracy (round {first['round']} -> {last['round']})"
+    if sizes:
+        title += ", 95% Wilson intervals"
+    table = Table(title=title)
+    prompts_col = ("prompts",) if sizes else ()
+    for col in ("client", *prompts_col, "before", "after", "reward before", "reward after"):
+        table.add_column(col, justify="right", no_wrap=True)
+    correct, total = [0, 0], 0  # pooled over the clients with a known size: before, after; prompts
     for cid in client_ids:
         k = f"client{cid}/eval"
-        cells = (f"{h.get(f'{k}/{m}', float('nan')):.3f}" for m in ("accuracy", "reward") for h in (first, last))
-        table.add_row(str(cid), *cells)
-    table.add_row("mean", *(f"{h[f'eval/{m}_mean']:.3f}" for m in ("accuracy", "reward") for h in (first, last)))
+        n = sizes.get(cid)
+        accs = [h.get(f"{k}/accuracy", float("nan")) for h in (first, last)]
+        if n is not None and all(math.isfinite(a) for a in accs):
+            correct = [c + round(a * n) for c, a in zip(correct, accs, strict=True)]
+            total += n
+        rewards = (f"{h.get(f'{k}/reward', float('nan')):.3f}" for h in (first, last))
+        count = (str(n) if n is not None else "",) if sizes else ()
+        table.add_row(str(cid), *count, *(_with_interval(a, n) for a in accs), *rewards)
+    means = []
+    for h, c in zip((first, last), correct, strict=True):
+        cell = f"{h['eval/accuracy_mean']:.3f}"
+        if total:
+            low, high = wilson_interval(c, total)
+            cell += f" [{low:.2f}, {high:.2f}]"
+        means.append(cell)
+    rewards = (f"{h['eval/reward_mean']:.3f}" for h in (first, last))
+    table.add_row("mean", *((str(total),) if sizes else ()), *means, *rewards)
     console.print(table)

@@ -30,6 +30,9 @@ RESUMABLE = frozenset(
         "trainer.round_retries",
         "trainer.save_merged",
         "trainer.client_state_dir",
+        "trainer.loggers",  # what is logged, not what is computed
+        "trainer.log_every_n_steps",
+        "trainer.log_completions_every",
         "ckpt_path",
         "config",
         "seed_everything",

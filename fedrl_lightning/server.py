@@ -4,8 +4,9 @@
 in-process one calls ``Client.run_round`` directly, sharded over Fabric ranks (``fedrl_lightning.transport``), the
 Flower one sends messages to SuperNodes (``fedrl_lightning.flower.transport``). The server never knows which: it
 selects among the transport's participants, sends each its ``Downlink``, receives ``Reply`` objects, aggregates the
-good ones in the order the transport returns them, retries a round short of ``min_clients`` and checkpoints itself
-and the transport's state (the in-process client states) through Fabric after every round.
+good ones in the order the transport returns them (each folded as it arrives when the aggregator streams, see
+``aggregation.rounds``), retries a round short of ``min_clients`` and checkpoints itself and the transport's state
+(the in-process client states) through Fabric after every round.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from torch import Tensor
 
 from fedrl_lightning import checkpoint, reporting, rundir
 from fedrl_lightning.aggregation.base import Aggregator, ClientUpdate
+from fedrl_lightning.aggregation.rounds import RoundAggregation
 from fedrl_lightning.callbacks import fire, state_key
 from fedrl_lightning.client import Downlink
 from fedrl_lightning.comm import Channel
 from fedrl_lightning.errors import StopFederation
 from fedrl_lightning.selection import UniformSelector
+from fedrl_lightning.watch import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class Transport(Protocol):
         self, round_idx: int, downlink: Callable[[int], Downlink], ids: list[int], progress: Progress | None = None
     ) -> list[Reply]:
         """Run round ``round_idx`` on ``ids``, client ``c`` receiving ``downlink(c)``; the replies of the successful
-        clients in a fixed order, failures anywhere."""
+        clients in a fixed order, failures anywhere. (A transport may also have ``stream``, the same one at a time.)"""
         ...
 
     def evaluate(self, round_idx: int, global_state: dict[str, Tensor] | None) -> dict[str, float]:
@@ -120,6 +123,7 @@ class Server:
         eval_every: evaluate every this many rounds (and after the last); 0 = only after the last.
         eval_before_training: also evaluate before the first round (round 0).
         console: where the plan, round lines and progress go; None = quiet.
+        log_every_n_steps: log the clients' local steps whose run index is a multiple of this (``watch.StepLog``).
         hook_context: extra keyword arguments for every hook (``trainer``, ``module`` in one process).
     """
 
@@ -139,6 +143,7 @@ class Server:
         eval_every: int = 1,
         eval_before_training: bool = True,
         console: Console | None = None,
+        log_every_n_steps: int = 1,
         hook_context: Mapping[str, object] | None = None,
     ) -> None:
         if num_rounds < 1 or min_clients < 1 or round_retries < 0:
@@ -152,6 +157,8 @@ class Server:
         self.keep_checkpoints, self.min_clients, self.round_retries = keep_checkpoints, min_clients, round_retries
         self.eval_every, self.eval_before_training = eval_every, eval_before_training
         self.console, self.hook_context = console, dict(hook_context or {})
+        self.steps = StepLog(log_every_n_steps)  # the clients' per-step rows, written with each round's
+        self.bar: Progress | None = None  # the progress display while fit runs (its task 0: the rounds)
         self.global_state: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.round_idx = 0
@@ -185,7 +192,8 @@ class Server:
         if self.round_idx == 0 and self.eval_before_training:
             self._log(0, self.evaluate(0, transport))
         with reporting.progress_bar(self.console) as bar:
-            task = bar.add_task("rounds", total=self.num_rounds, completed=self.round_idx)
+            self.bar = bar
+            task = bar.add_task("rounds", total=self.num_rounds, completed=self.round_idx, done_before=self.round_idx)
             for r in range(self.round_idx + 1, self.num_rounds + 1):
                 try:
                     metrics = self._round_with_retries(r, transport, bar)
@@ -200,7 +208,7 @@ class Server:
                     reporting.print_round(self.console, r, self.num_rounds, metrics)
                 self._fire("on_round_end", round_idx=r, metrics=metrics)
                 self.save_checkpoint(transport)  # after on_round_end: what callbacks did with the round is in it
-                bar.update(task, advance=1)
+                bar.update(task, completed=r)  # absolute: callbacks may have shown a fraction of the round
         self._fire("on_fit_end")
         return self.history[-1] if self.history else {}
 
@@ -217,23 +225,28 @@ class Server:
 
     def _round(self, r: int, transport: Transport, bar: Progress) -> dict[str, float]:
         self._fire("on_round_start", round_idx=r)
+        self.steps.start_round()
         ids = self.selector.select(r, transport.participants())
         self._fire("on_clients_selected", round_idx=r, client_ids=ids)
         round_start = time.perf_counter()
         metrics: dict[str, float] = {}
-        updates: list[ClientUpdate] = []
-        for reply in transport.train(r, partial(self.downlink, r), ids, bar):
+        updates: list[ClientUpdate] = []  # what is kept of each update: a summary when the aggregator streams
+        agg = self.begin_aggregation()  # streaming: replies one at a time from a transport's ``stream`` if it has one
+        stream = getattr(transport, "stream", None) if agg is not None and agg.streaming else None
+        for reply in (stream or transport.train)(r, partial(self.downlink, r), ids, bar):
             if reply.update is not None:
+                self.steps.collect(r, reply.update)  # per-step metrics out before anyone sees the update
                 self._fire("on_client_end", round_idx=r, client_id=reply.update.client_id, update=reply.update)
-                updates.append(reply.update)
+                updates.append(agg.add(reply.update) if agg is not None else reply.update)
             else:
                 self._say(f"[yellow]round {r}: {reply.label} dropped: {reply.error}[/]")
                 metrics[f"faults/{reply.label}"] = 1.0
+            del reply  # a folded update's tensors are free before the next client's round
         metrics["faults/dropped"] = float(len(ids) - len(updates))
-        self.require_enough(updates, ids)
+        self.require_enough(updates, ids)  # a short round drops its accumulator: the aggregator is unchanged
         overhead = transport.overhead
-        if self.aggregation is not None:
-            metrics.update(self.aggregate(r, updates))
+        if agg is not None:
+            metrics.update(self.finish_aggregation(r, agg, updates))
             overhead += metrics["timing/aggregation"]
         for update in updates:  # after on_before_aggregate, which may add metrics (e.g. aggregation weights)
             metrics.update({f"client{update.client_id}/{k}": v for k, v in update.metrics.items()})
@@ -266,12 +279,21 @@ class Server:
         """The global adapter, which every client deploys; None when each keeps its own (local-only, personalized)."""
         return None if self.aggregation is None or self.aggregation.personalized else self.global_state
 
+    def begin_aggregation(self) -> RoundAggregation | None:
+        """This round's aggregation: streaming or buffered (``aggregation.rounds``); None for local-only training."""
+        aggregation, state = self.aggregation, self.global_state
+        return None if aggregation is None else RoundAggregation(aggregation, state, self.callbacks)
+
     def aggregate(self, r: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        """The server's step: ``on_before_aggregate``, the aggregator, ``on_after_aggregate``; returns metrics."""
+        """The server's step on a whole round's updates (``begin_aggregation``, then ``finish_aggregation``)."""
+        agg = self.begin_aggregation()
+        return self.finish_aggregation(r, agg, [agg.add(u) for u in updates])
+
+    def finish_aggregation(self, r: int, agg: RoundAggregation, updates: list[ClientUpdate]) -> dict[str, float]:
+        """``on_before_aggregate`` (summaries when streaming), the new global adapter, ``on_after_aggregate``."""
         self._fire("on_before_aggregate", round_idx=r, updates=updates)
-        start = time.perf_counter()
-        self.global_state = self.aggregation.aggregate(self.global_state, updates)
-        metrics = {"timing/aggregation": time.perf_counter() - start, **self.aggregation.metrics()}
+        self.global_state = agg.finish()
+        metrics = {"timing/aggregation": agg.seconds, **self.aggregation.metrics()}
         self._fire("on_after_aggregate", round_idx=r, global_state=self.global_state)
         return metrics
 
@@ -367,6 +389,7 @@ class Server:
         self._to_loggers(r, metrics)
 
     def _to_loggers(self, r: int, metrics: Mapping[str, float]) -> None:
+        self.steps.flush(self.loggers)  # the round's local steps, before its row
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "round"}, step=r)
             logger.save()

@@ -8,6 +8,7 @@ outputs. ``num_clients: 1`` is plain centralized GRPO; ``aggregation: null`` is 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor
 from fedrl_lightning import checkpoint, ranks, reporting, rundir
 from fedrl_lightning.aggregation import Aggregator, ClientUpdate
 from fedrl_lightning.callbacks import Callback
+from fedrl_lightning.callbacks.watch import CompletionsLog, StepProgress
 from fedrl_lightning.client import Client, ClientFault
 from fedrl_lightning.client_state import ClientState
 from fedrl_lightning.comm import Channel
@@ -75,7 +77,8 @@ class FederatedTrainer:
             stops with its last checkpoint.
         save_merged: also export the final global adapter merged into the base model.
         client_state_dir: where the clients' states (optimizer moments, own adapters) live between rounds: None in
-            RAM; a directory keeps them in memory-mapped files there, for more clients than RAM holds.
+            RAM; a directory keeps them in files there, with only the selected clients' rows in memory, for more
+            clients than RAM holds (checkpoints then record the bank's version instead of copying it).
         accelerator: Fabric accelerator (``cpu``, ``cuda``, ``auto``).
         devices: Fabric devices (processes per node). With more than one process in all, each round's clients are
             sharded over the ranks (gloo on CPU) and their updates gathered; the result does not depend on the
@@ -83,7 +86,16 @@ class FederatedTrainer:
         num_nodes: machines, each running ``devices`` processes.
         precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
         seed: seed of the client RNG streams and data sampling.
-        progress: show a progress bar and per-round lines.
+        progress: show a progress display (rounds, clients, local steps, with an ETA) and per-round lines.
+        loggers: where metrics go, by name: ``csv`` (``metrics.csv``), ``tensorboard`` (``tensorboard/``), ``wandb``
+            and ``mlflow`` (optional extras: ``pip install 'fedrl-lightning[wandb]'``; their usual environment
+            variables apply, e.g. ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI``; MLflow defaults to ``mlruns/`` here).
+        log_every_n_steps: also log each client's local steps whose run index (``(round - 1) * local_steps + i +
+            1``) is a multiple of this: rows with ``round``, ``client``, ``step`` in ``metrics.csv``,
+            ``client<i>/step/<metric>`` elsewhere; written when their round completes. 0 = rounds only.
+        log_completions_every: every this many local steps, append the step's completions (prompt, completion,
+            reward per function, advantage) to ``completions.jsonl`` and, with ``progress``, print a table of them
+            (as TRL's ``log_completions``). 0 = off.
     """
 
     def __init__(
@@ -111,6 +123,9 @@ class FederatedTrainer:
         precision: str = "32-true",
         seed: int = 0,
         progress: bool = True,
+        loggers: list[str] = ["csv", "tensorboard"],  # never mutated (copied below)
+        log_every_n_steps: int = 1,
+        log_completions_every: int = 0,
     ) -> None:
         if num_rounds < 1 or local_steps < 1:
             raise ValueError(f"num_rounds and local_steps must be >= 1, got {num_rounds} and {local_steps}")
@@ -120,6 +135,11 @@ class FederatedTrainer:
             )
         if min_clients < 1 or round_retries < 0:
             raise ValueError(f"min_clients must be >= 1 and round_retries >= 0, got {min_clients}, {round_retries}")
+        if log_every_n_steps < 0 or log_completions_every < 0:
+            raise ValueError(
+                f"log_every_n_steps and log_completions_every must be >= 0, got {log_every_n_steps} and "
+                f"{log_completions_every}"
+            )
         self.num_rounds, self.local_steps, self.aggregation = num_rounds, local_steps, aggregation
         self.rollout = rollout or HFRollout()
         self.callbacks = list(callbacks or [])
@@ -131,7 +151,16 @@ class FederatedTrainer:
         strategy: Strategy | str = "auto"
         if devices != 1 or num_nodes != 1:
             strategy = ranks.ClientParallelStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
-        loggers = reporting.run_loggers(self.output_dir)
+        self.console = Console(stderr=True)
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            self.console.width = 120  # a log file: tables at full width, not cut at rich's default of 80
+        # The trainer's own watchers run after the user's callbacks (and keep no state in checkpoints).
+        self.hooks: list[Callback] = [*self.callbacks, *([StepProgress()] if progress else [])]
+        if log_completions_every:
+            console = self.console if progress else None
+            self.hooks.append(CompletionsLog(self.output_dir, log_completions_every, console))
+        self.logger_names = list(loggers)
+        loggers = reporting.run_loggers(self.output_dir, self.logger_names)
         self.fabric = checkpoint.fabric(
             accelerator=accelerator,
             devices=devices,
@@ -145,7 +174,7 @@ class FederatedTrainer:
             aggregation,
             selector or UniformSelector(seed=seed),
             num_rounds,
-            callbacks=self.callbacks,
+            callbacks=self.hooks,
             comm=Channel(),
             loggers=loggers,
             checkpoint_dir=self.output_dir / "checkpoints",
@@ -154,11 +183,11 @@ class FederatedTrainer:
             round_retries=round_retries,
             eval_every=eval_every,
             eval_before_training=eval_before_training,
+            log_every_n_steps=log_every_n_steps,
             hook_context={"trainer": self},
         )
         self.client: Client | None = None
         self.transport: InProcessTransport | None = None
-        self.console = Console(stderr=True)
         self.config_yaml: str | None = None  # the CLI's resolved config, written once the output_dir is ours
         self._lock = rundir.RunLock(self.output_dir)
 
@@ -181,6 +210,8 @@ class FederatedTrainer:
                 reporting.print_plan(self.console, self, module, data)
             self.server.fit(self.transport, self.client.initial_adapter, ckpt_path)
             self._write_outputs()
+            for logger in self.server.loggers:  # flush and close (TensorBoard, an MLflow run's status)
+                logger.finalize("success")
         finally:
             self._lock.release()
         return self.history[-1] if self.history else {}
@@ -216,11 +247,13 @@ class FederatedTrainer:
             self.rollout,
             self.aggregation,
             self.client_state_dir,
+            self.server.keep_checkpoints,
             local_steps=self.local_steps,
+            num_rounds=self.num_rounds,
             seed=self.seed,
             client_timeout=self.client_timeout,
             max_update_norm=self.max_update_norm,
-            callbacks=self.callbacks,
+            callbacks=self.hooks,
             hook_context={"trainer": self},
         )
         self.client.hook_context["module"] = self.client.module
@@ -308,7 +341,14 @@ class FederatedTrainer:
                 own = self.client.bank.read("adapter", cid)
                 if own is not None:
                     module.save_adapter(self.output_dir / "adapters" / f"client{cid}", own)
-        plot_run(self.history, self.output_dir / "curves.png")
+        plot_run(self.history, self.output_dir / "curves.png", self._step_rewards())
         if self.progress:
-            reporting.print_summary(self.console, self.history, self.data.client_ids())
+            ids = self.data.client_ids()
+            sizes = {cid: len(self.data.eval_examples(cid)) for cid in ids}  # for the accuracies' intervals
+            reporting.print_summary(self.console, self.history, ids, sizes)
             self.console.print(f"outputs in {self.output_dir}")
+
+    def _step_rewards(self) -> list[tuple[int, int, float]]:
+        """(client, step, reward) of the logged local steps: all in ``metrics.csv``, else this session's."""
+        csv = next((lg for lg in self.server.loggers if isinstance(lg, reporting.MetricsCSV)), None)
+        return csv.step_rewards() if csv is not None else list(self.server.steps.rewards)

@@ -3,14 +3,15 @@
 Everything a client receives or sends goes through the byte-counting ``Channel`` (serialized, so nothing is shared
 by accident; NaN/Inf rejected on the way up). With several Fabric ranks, each rank runs every ``world_size``-th
 selected client (``ranks.shard``); the replies, the changed client states and their ledger rows are then gathered,
-so every rank holds the same run state and aggregates the same updates in the same client order.
+so every rank holds the same run state and aggregates the same updates in the same client order. In one process
+each update is handed to the server as soon as its client is done, so a streaming aggregation holds one at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from fedrl_lightning.server import Reply
 
 log = logging.getLogger(__name__)
 _SCALAR_BYTES = 8  # a float64 or int64 sent up beside the tensors (e.g. FGRPO's gain)
+
+
+def _reply(cid: int, result: ClientUpdate | str) -> Reply:
+    if isinstance(result, ClientUpdate):
+        return Reply(f"client{cid}", result)
+    return Reply(f"client{cid}", None, result)
 
 
 class InProcessTransport:
@@ -57,36 +64,58 @@ class InProcessTransport:
     ) -> list[Reply]:
         """This rank's share of ``ids`` (client ``c`` receives ``downlink(c)``); every rank returns every reply, in
         ``ids``' order."""
+        return list(self.stream(round_idx, downlink, ids, progress))
+
+    def stream(
+        self, round_idx: int, downlink: Callable[[int], Downlink], ids: list[int], progress: Progress | None = None
+    ) -> Iterator[Reply]:
+        """``train``'s replies one at a time: in one process each as soon as its client is done, before the next
+        client trains (the server's streaming aggregation folds it and lets it go); across ranks once they are
+        gathered. ``overhead`` is set once the last is out."""
         rank, world = self.fabric.global_rank, self.fabric.world_size
         mine = ranks.shard(ids, rank, world)
         swap_before, self._channel_seconds = self.client.swap_seconds, 0.0
-        results: dict[int, ClientUpdate | str] = {}
         task = progress.add_task(f"round {round_idx} clients", total=len(mine)) if progress else None
-        for cid in mine:
-            down = downlink(cid)  # the server's side: an error there is not the client's
-            try:
-                results[cid] = self._run(cid, down)
-            except StopFederation:  # a client that finds the run itself broken (e.g. a reward failing everywhere)
-                raise
-            except Exception as err:  # a client failing must not take the federation down
-                log.warning(
-                    "round %d: client %d dropped: %s",
-                    round_idx,
-                    cid,
-                    err,
-                    exc_info=not isinstance(err, ClientFault),
-                )
-                results[cid] = str(err)
+        results: dict[int, ClientUpdate | str] = {}
+        try:
+            for cid in mine:
+                result = self._attempt(round_idx, cid, downlink)
+                if progress is not None:
+                    progress.update(task, advance=1)
+                if world == 1:
+                    reply = _reply(cid, result)
+                    del result
+                    yield reply
+                    del reply  # nothing here holds the update while the next client trains
+                else:
+                    results[cid] = result
+        finally:
             if progress is not None:
-                progress.update(task, advance=1)
-        if progress is not None:
-            progress.remove_task(task)
+                progress.remove_task(task)
         self.overhead = self.client.swap_seconds - swap_before + self._channel_seconds
-        ordered = self._gather(round_idx, ids, mine, results) if world > 1 else [(c, results[c]) for c in ids]
-        return [
-            Reply(f"client{cid}", result) if isinstance(result, ClientUpdate) else Reply(f"client{cid}", None, result)
-            for cid, result in ordered
-        ]
+        if world > 1:
+            ordered = self._gather(round_idx, ids, mine, results)[::-1]
+            del results
+            while ordered:  # popped: each update is freed once the server is done with it
+                cid, result = ordered.pop()
+                yield _reply(cid, result)
+
+    def _attempt(self, round_idx: int, cid: int, downlink: Callable[[int], Downlink]) -> ClientUpdate | str:
+        """Client ``cid``'s update, or why it failed."""
+        down = downlink(cid)  # the server's side: an error there is not the client's
+        try:
+            return self._run(cid, down)
+        except StopFederation:  # a client that finds the run itself broken (e.g. a reward failing everywhere)
+            raise
+        except Exception as err:  # a client failing must not take the federation down
+            log.warning(
+                "round %d: client %d dropped: %s",
+                round_idx,
+                cid,
+                err,
+                exc_info=not isinstance(err, ClientFault),
+            )
+            return str(err)
 
     def _run(self, cid: int, down: Downlink) -> ClientUpdate:
         """One client's round with everything it receives and sends going through the channel."""
@@ -138,6 +167,8 @@ class InProcessTransport:
         metrics: dict[str, float] = {}
         world = self.fabric.world_size
         for cid in ranks.shard(self.participants(), self.fabric.global_rank, world):
+            if not self.client.data.eval_examples(cid):
+                continue  # no held-out set: not even its own adapter to read
             adapter = global_state if global_state is not None else self.client.own_adapter(cid)
             result = self.client.evaluate(cid, adapter, self.eval_batch_size)
             metrics.update({f"client{cid}/eval/{k}": v for k, v in result.items()})

@@ -25,6 +25,7 @@ def make_module(module_class: type[GRPOModule] = GRPOModule, **overrides) -> GRP
         micro_batch_size=4,
         max_completion_length=6,
         reward_funcs=[length_reward],
+        dtype="float32",  # also on a CUDA machine, where "auto" would be bf16
         seed=0,
     )
     kwargs.update(overrides)

@@ -141,7 +141,7 @@ def test_fedadam_flower_bias_correction_is_one_step_ahead_by_hand():
 
 
 def test_fedadam_flower_defaults_one_round():
-    agg = FedAdam()  # Flower 1.42: eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, v_0 = 0, bias-corrected
+    agg = FedAdam()  # Flower (1.32 to 1.42): eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3, v_0 = 0, bias-corrected
     assert (agg.eta, agg.beta_1, agg.beta_2, agg.tau, agg.initial_v, agg.bias_correction) == (
         0.1,
         0.9,

@@ -19,7 +19,7 @@ TINY_LEGS = {"leg_counting": {"min_animals": 1, "max_animals": 1, "min_instances
 
 
 def questions(examples: list[dict]) -> list[str]:
-    return [ex["prompt"][-1]["content"] for ex in examples]
+    return [ex["prompt"] if isinstance(ex["prompt"], str) else ex["prompt"][-1]["content"] for ex in examples]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -110,9 +110,10 @@ def test_example_format_and_system_prompt() -> None:
     assert isinstance(ex["answer"], str) and ex["answer"] == ex["rg_entry"]["answer"]
     assert ex["task"] == "basic_arithmetic"
     assert "<answer>" in DEFAULT_SYSTEM_PROMPT
-    for prompt in (None, ""):
-        ex = FederatedData(system_prompt=prompt, **SMALL).train_examples(0)[0]
-        assert [m["role"] for m in ex["prompt"]] == ["user"]
+    # None (the default) means the answer-tag prompt for reasoning-gym tasks; "" means none
+    assert FederatedData(system_prompt=None, **SMALL).train_examples(0)[0]["prompt"][0]["role"] == "system"
+    ex = FederatedData(system_prompt="", **SMALL).train_examples(0)[0]
+    assert [m["role"] for m in ex["prompt"]] == ["user"]
     ex = FederatedData(system_prompt="Be terse.", **SMALL).eval_examples(1)[0]
     assert ex["prompt"][0] == {"role": "system", "content": "Be terse."}
 
@@ -157,7 +158,8 @@ def test_json_array_file_and_chat_prompts(tmp_path: Path) -> None:
     data = FederatedData(data_files=[str(path)], num_clients=1, eval_fraction=0.0)
     train = data.train_examples(0)
     assert len(train) == 10 and data.eval_examples(0) == []
-    assert [ex["prompt"] for ex in train if ex["prompt"][0]["content"] == "custom"] == [chat]  # used as is
+    assert [ex["prompt"] for ex in train if not isinstance(ex["prompt"], str)] == [chat]  # used as is
+    assert sorted(ex["prompt"] for ex in train if isinstance(ex["prompt"], str)) == [f"p{i}" for i in range(9)]
     assert all(isinstance(ex["answer"], str) for ex in train)
 
 
@@ -169,13 +171,13 @@ def test_single_file_partitions(tmp_path: Path, writer) -> None:
     assert [r["n_train"] + r["n_eval"] for r in iid.describe()] == [20, 20, 20]
     all_q = [q for c in iid.client_ids() for q in questions(iid.train_examples(c) + iid.eval_examples(c))]
     assert sorted(all_q) == sorted(f"q{i}?" for i in range(60))  # every row used exactly once
-    by_task = FederatedData(data_files=[path], num_clients=3, partition="by_task", task_column="kind")
+    by_task = FederatedData(data_files=[path], num_clients=3, partition="by_task", partition_by="kind")
     assert [set(r["task_counts"]) for r in by_task.describe()] == [{"add"}, {"mul"}, {"sub"}]
-    shared = FederatedData(data_files=[path], num_clients=6, partition="by_task", task_column="kind")
+    shared = FederatedData(data_files=[path], num_clients=6, partition="by_task", partition_by="kind")
     rows = shared.describe()
     assert [set(r["task_counts"]) for r in rows] == [{"add"}, {"mul"}, {"sub"}] * 2
     assert not set(questions(shared.train_examples(0))) & set(questions(shared.train_examples(3)))
-    dirichlet = FederatedData(data_files=[path], num_clients=2, partition="dirichlet", alpha=100.0, task_column="kind")
+    dirichlet = FederatedData(data_files=[path], num_clients=2, partition="dirichlet", alpha=100.0, partition_by="kind")
     assert sum(r["n_train"] + r["n_eval"] for r in dirichlet.describe()) == 60
     assert all(set(r["task_counts"]) == {"add", "mul", "sub"} for r in dirichlet.describe())
 
@@ -187,10 +189,14 @@ def test_file_errors_name_file_row_column(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="not found.*nope.jsonl"):
         FederatedData(data_files=[missing], num_clients=1)
-    csv = tmp_path / "rows.csv"
-    csv.write_text("prompt,answer\n")
-    with pytest.raises(ValueError, match="rows.csv.*extension|extension.*rows.csv"):
-        FederatedData(data_files=[str(csv)], num_clients=1)
+    txt = tmp_path / "rows.txt"
+    txt.write_text("prompt,answer\n")
+    with pytest.raises(ValueError, match="rows.txt.*extension|extension.*rows.txt"):
+        FederatedData(data_files=[str(txt)], num_clients=1)
+    header_only = tmp_path / "rows.csv"
+    header_only.write_text("prompt,answer\n")
+    with pytest.raises(ValueError, match="rows.csv: no rows"):
+        FederatedData(data_files=[str(header_only)], num_clients=1).setup()
     bad_col = write_jsonl(tmp_path / "badcol.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match=r"badcol.jsonl.*'prompt'.*columns found: \['question', 'answer'\]"):
         FederatedData(data_files=[bad_col], num_clients=1).train_examples(0)
@@ -207,7 +213,7 @@ def test_file_errors_name_file_row_column(tmp_path: Path) -> None:
     one = write_jsonl(tmp_path / "one.jsonl", qa_rows(1))
     with pytest.raises(ValueError, match="Client 1 has no train rows.*one.jsonl"):
         FederatedData(data_files=[one], num_clients=2, partition="iid").setup()
-    with pytest.raises(ValueError, match="task_column"):
+    with pytest.raises(ValueError, match="partition_by"):
         FederatedData(data_files=[one], num_clients=2, partition="by_task")
     with pytest.raises(ValueError, match="1 file or num_clients=3"):
         FederatedData(data_files=[one, one], num_clients=3)

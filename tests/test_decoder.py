@@ -277,3 +277,24 @@ def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path):
     os.utime(stale, (old, old))
     kernels._clear_stale_lock(fresh), kernels._clear_stale_lock(stale), kernels._clear_stale_lock(tmp_path / "none")
     assert fresh.exists() and not stale.exists()  # a build in progress keeps its lock
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="decode kernels unavailable")
+def test_one_pass_repack_equals_merge_concatenate_pack_and_reuses_its_buffer():
+    from fedrl_lightning.rollout.fused import FusedLinear, effective_weight
+
+    model = _model("llama", lora=True)
+    _perturb(model, seed=3)
+    attn = model.base_model.model.model.layers[0].self_attn
+    modules, scale = [attn.q_proj, attn.k_proj, attn.v_proj], 16**-0.5
+    fused = FusedLinear(modules, 8, (attn.q_proj.out_features, scale))
+    merged = torch.cat([effective_weight(m) for m in modules]).detach().clone()
+    merged[: attn.q_proj.out_features] *= scale
+    assert fused.kind == "kernel"
+    torch.testing.assert_close(fused.weight, kernels.pack(merged), rtol=1e-6, atol=1e-6)
+    buffer = fused.weight.data_ptr()
+    _perturb(model, seed=4)
+    assert fused.refresh(modules) and fused.weight.data_ptr() == buffer  # repacked in place
+    merged = torch.cat([effective_weight(m) for m in modules]).detach().clone()
+    merged[: attn.q_proj.out_features] *= scale
+    torch.testing.assert_close(fused.weight, kernels.pack(merged), rtol=1e-6, atol=1e-6)

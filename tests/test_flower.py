@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
@@ -236,9 +235,12 @@ class LocalGrid:
     """
 
     def __init__(self, app: object, num_nodes: int) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
+        try:  # newer flwr stamps messages with the process's task identity: set what a ServerApp process has
+            from flwr.supercore.task_identity import TaskIdentity
 
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # what a ServerApp process has
+            TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        except ModuleNotFoundError:
+            pass
         self.app, self.nodes = app, list(range(1, num_nodes + 1))
 
     def get_node_ids(self) -> list[int]:
@@ -350,7 +352,7 @@ def _run_flower(name: str, x0: dict[str, torch.Tensor], deltas: list) -> dict[st
 
 
 def _run_flower_legacy(name: str, x0: dict[str, torch.Tensor], deltas: list) -> dict[str, torch.Tensor]:
-    """The older ``flwr.server.strategy`` API (``aggregate_fit`` on ``FitRes``), still shipped by Flower 1.42."""
+    """The older ``flwr.server.strategy`` API (``aggregate_fit`` on ``FitRes``), still in Flower 1.32-1.42."""
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import strategy
 
@@ -440,24 +442,25 @@ def test_simulation_equals_the_in_process_run_and_a_restarted_server_resumes(tmp
 # -- a deployment on loopback ------------------------------------------------------------------------------------
 
 
-def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen]) -> None:
+def _wait_port(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
+    """Until 127.0.0.1:``port`` accepts a connection; fails at once if a started process has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
             raise RuntimeError(f"a Flower process exited early (code {[p.poll() for p in procs]})")
         try:
-            urllib.request.urlopen(url, timeout=1.0)
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
             return
         except OSError:
             time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
+    raise TimeoutError(f"127.0.0.1:{port} did not answer within {timeout} s")
 
 
 def test_deployment_superlink_and_two_supernodes_on_loopback_run_a_round(tmp_path, flower_env):
     """A ``flower-superlink`` and 2 ``flower-supernode`` processes (--insecure, free ports); ``flwr run`` submits."""
     fragment = write_fragment(tmp_path, FEDADAM_SERVER_FGRPO)
     out = tmp_path / "flower"
-    port = free_port()
+    fleet, serverappio, port = free_port(), free_port(), free_port()  # port: the Control API, where `flwr run` goes
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home" / "config.toml").write_text(
@@ -487,13 +490,17 @@ def test_deployment_superlink_and_two_supernodes_on_loopback_run_a_round(tmp_pat
 
     try:
         # The app's code is installed here already: no `uv sync` (and no network for it).
-        start(
-            "superlink",
-            f"flower-superlink --insecure --host 127.0.0.1 --port {port} --disable-runtime-dependency-installation",
+        addresses = (
+            f"--fleet-api-address 127.0.0.1:{fleet} --serverappio-api-address 127.0.0.1:{serverappio} "
+            f"--control-api-address 127.0.0.1:{port}"
         )
-        _wait_http(f"http://127.0.0.1:{port}/health", 60, procs)
+        start("superlink", f"flower-superlink --insecure {addresses} --disable-runtime-dependency-installation")
+        _wait_port(port, 60, procs)
         for i in range(2):
-            command = f"flower-supernode --insecure --superlink 127.0.0.1:{port} --port {free_port()} --node-config"
+            command = (
+                f"flower-supernode --insecure --superlink 127.0.0.1:{fleet} "
+                f"--clientappio-api-address 127.0.0.1:{free_port()} --node-config"
+            )
             start(f"supernode{i}", command, f"partition-id={i} num-partitions=2")
         command = [str(BIN / "flwr"), "run", str(APP), "loopback", "--run-config", str(run_config), "--stream"]
         run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)

@@ -36,15 +36,16 @@ RUN = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     trainer = FederatedTrainer(num_rounds=3, aggregation=FedAvg(), output_dir={out!r}, progress=False,
-                               eval_batch_size=4, callbacks=[KillMidRound()])
+                               eval_batch_size=4, callbacks=[KillMidRound()], client_state_dir={state_dir!r})
     trainer.fit(make_module(), make_data())
     torch.save({{"global": trainer.global_state, "history": trainer.history}}, {out!r} + "/final.pt")
     """
 )
 
 
-def _run(out: Path, kill_round: int) -> subprocess.CompletedProcess:
-    script = RUN.format(tests=str(ROOT / "tests"), kill_round=kill_round, out=str(out))
+def _run(out: Path, kill_round: int, on_disk: bool = False) -> subprocess.CompletedProcess:
+    state_dir = str(out / "client_states") if on_disk else None
+    script = RUN.format(tests=str(ROOT / "tests"), kill_round=kill_round, out=str(out), state_dir=state_dir)
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -53,13 +54,17 @@ def _comparable(history):
     return [{k: v for k, v in row.items() if "timing/" not in k} for row in history]
 
 
-def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
-    straight = _run(tmp_path / "straight", kill_round=-1)
+@pytest.mark.parametrize("on_disk", [False, True], ids=["ram-bank", "disk-bank"])
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, on_disk):
+    """With the disk bank, the killed round has already rewritten client 0's row: the undo journal restores it."""
+    straight = _run(tmp_path / "straight", kill_round=-1, on_disk=on_disk)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _run(tmp_path / "killed", kill_round=2)
+    killed = _run(tmp_path / "killed", kill_round=2, on_disk=on_disk)
     assert killed.returncode == -signal.SIGKILL
     assert checkpoint.latest_valid(tmp_path / "killed" / "checkpoints").name == "round-000001"
-    resumed = _run(tmp_path / "killed", kill_round=-1)
+    if on_disk:
+        assert (tmp_path / "killed" / "client_states" / "undo-000002.log").stat().st_size > 0
+    resumed = _run(tmp_path / "killed", kill_round=-1, on_disk=on_disk)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)
     b = torch.load(tmp_path / "killed" / "final.pt", weights_only=False)
@@ -181,18 +186,27 @@ class BlockAddresses(Callback):
         self.addresses.append(state["0.exp_avg"].data_ptr())
 
 
-@pytest.mark.parametrize("elsewhere", [False, True], ids=["resumed-in-place", "resumed-from-another-run"])
-def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path, elsewhere):
+@pytest.mark.parametrize(
+    ("elsewhere", "on_disk"),
+    [(False, False), (True, False), (False, True)],
+    ids=["resumed-in-place", "resumed-from-another-run", "disk-bank"],
+)
+def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(tmp_path, elsewhere, on_disk):
     """A client's state is rewritten in place (its row of the bank), so a retry must reload the round's start: from
-    this run's last checkpoint, or from the one it resumed from."""
+    this run's last checkpoint, or from the one it resumed from (the disk bank: from its undo journal)."""
     blocks = BlockAddresses()
     common = dict(aggregation=None, output_dir=str(tmp_path), progress=False, eval_every=0, eval_batch_size=4)
+    if on_disk:
+        common["client_state_dir"] = str(tmp_path / "client_states")
     first = FederatedTrainer(num_rounds=2, eval_before_training=False, callbacks=[blocks], **common)
     first.fit(make_module(), make_data(), ckpt_path=None)
-    assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's row: no second copy
-    saved = ClientStateBank([0, 1])
-    saved.load_state_dict(checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["clients"])
-    start = saved.get(0)
+    if on_disk:  # the checkpoint references the bank's files: round 2's end state is what they hold now
+        start = first.client_states[0]  # (reads of a disk bank are copies)
+    else:
+        assert blocks.addresses[0] == blocks.addresses[1]  # round 2 rewrote round 1's row: no second copy
+        saved = ClientStateBank([0, 1])
+        saved.load_state_dict(checkpoint.load(checkpoint.round_path(tmp_path / "checkpoints", 2))["clients"])
+        start = saved.get(0)
     resume = "last"
     if elsewhere:
         common["output_dir"], resume = str(tmp_path / "other"), str(checkpoint.round_path(tmp_path / "checkpoints", 2))
@@ -206,12 +220,13 @@ def test_a_retried_round_restores_the_clients_that_trained_from_the_checkpoint(t
     assert torch.equal(restored.rng, start.rng) and restored.sampler == start.sampler
 
 
-def test_missing_model_path_and_unknown_hub_id_fail_fast_with_the_name(tmp_path):
+def test_missing_model_path_and_unknown_hub_id_fail_fast_with_the_name(tmp_path, monkeypatch):
     from fedrl_lightning.models import load_causal_lm
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_causal_lm(str(tmp_path / "no-such-model"))
-    with pytest.raises(FileNotFoundError, match="someorg/somemodel.*nothing is downloaded"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at call time: no request, and the id is in no cache
+    with pytest.raises(FileNotFoundError, match="someorg/somemodel.*HF_HUB_OFFLINE"):
         load_causal_lm("someorg/somemodel")
 
 

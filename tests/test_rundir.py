@@ -106,7 +106,8 @@ def test_resume_appends_to_metrics_csv_and_a_new_callback_starts_fresh(tmp_path,
         code = fit(tmp_path, "--trainer.num_rounds", "2", "--trainer.callbacks+", f"{__name__}.Counter")
     assert code == 0 and "no state for callback Counter" in caplog.text
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert rows[: len(first)] == first and len(rows) == len(first) + 1  # round 2 appended; rounds 0-1 kept as written
+    # round 2 appended (a local-step row per client, then the round's); rounds 0-1 kept as written
+    assert rows[: len(first)] == first and len(rows) == len(first) + 3
     state = checkpoint.load(checkpoint.latest_valid(tmp_path / "checkpoints"))
     assert state["server"]["callbacks"]["Counter"] == {"rounds": 1}
 

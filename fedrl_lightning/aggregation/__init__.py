@@ -11,6 +11,11 @@ Modules: ``base`` (``ClientUpdate``, ``LocalObjective``, the base classes, clien
 ``lora`` (LoRA factor pairing and product averaging), ``fedavg`` (FedAvg, FedProx, TaskAwareFedAvg: FedMOA's server
 side), ``server_opt`` (FedAvgM, FedAdagrad, FedAdam, FedYogi), ``scaffold`` (SCAFFOLD, server and client side),
 ``fgrpo`` (FGRPO's relative-gain weighting around any of them) and ``robust`` (FedMedian, TrimmedMean, Krum).
+Streaming: ``Aggregator.begin(global_state)`` gives the round's ``Accumulator`` (``fold`` each update as it arrives,
+then ``finish``). The weighted-mean family (FedAvg, FedProx, FedAvgM, FedAdagrad/FedAdam/FedYogi, SCAFFOLD, with
+``separate`` LoRA averaging; DP-FedAvg in ``fedrl_lightning.privacy``) folds each update into one accumulator and
+keeps no update; the others (``product`` averaging, TaskAwareFedAvg, FGRPO's weighting, the robust rules, peer
+mixtures) buffer every update in a ``Buffer`` until the round ends (``Aggregator.streaming`` says which).
 Every public name is importable from here, e.g.
 ``class_path: fedrl_lightning.aggregation.FedAdam`` in YAML.
 """
@@ -19,17 +24,23 @@ from fedrl_lightning.aggregation.base import (
     F64,
     LORA_MODES,
     WEIGHTINGS,
+    Accumulator,
     Aggregator,
+    Buffer,
     ClientUpdate,
     LocalObjective,
     LoraMode,
     WeightedAggregator,
+    WeightedMean,
+    WeightedSum,
     Weighting,
     check_choice,
     check_same_keys,
+    check_weight,
     client_weights,
     mean64,
     normalised,
+    sample_weight,
     sample_weights,
     weighted_average,
 )
@@ -59,7 +70,9 @@ __all__ = [
     "LORA_MODES",
     "WEIGHTINGS",
     "RelativeGainWeighting",
+    "Accumulator",
     "Aggregator",
+    "Buffer",
     "ClientUpdate",
     "LocalObjective",
     "ProximalObjective",
@@ -79,12 +92,15 @@ __all__ = [
     "TaskAwareFedAvg",
     "TrimmedMean",
     "WeightedAggregator",
+    "WeightedMean",
+    "WeightedSum",
     "Weighting",
     "average64",
     "average_states",
     "check_choice",
     "check_same_keys",
     "check_state_keys",
+    "check_weight",
     "client_weights",
     "load_tensors",
     "lora_pairs",
@@ -92,6 +108,7 @@ __all__ = [
     "normalised",
     "product_average",
     "proximal_term",
+    "sample_weight",
     "sample_weights",
     "scaffold_correction",
     "scaffold_new_client_c",

@@ -14,6 +14,7 @@ from fedrl_lightning.aggregation.base import (
     LocalObjective,
     LoraMode,
     WeightedAggregator,
+    WeightedMean,
     Weighting,
     check_choice,
     normalised,
@@ -31,12 +32,19 @@ class FedAvg(WeightedAggregator):
         lora_mode: ``separate`` averages LoRA A and B independently (FlowerTune/OpenFedLLM behaviour);
             ``product`` averages the products B_i A_i per module and re-factorises the mean to rank r by SVD
             (see ``product_average``).
+
+    Streams (``begin``) with ``separate`` averaging: each update is folded into one weighted sum as it arrives.
     """
+
+    _streams = True
 
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         if not updates:
             return global_state
         return average_states([u.state for u in updates], self.weights(updates), self.lora_mode, global_state)
+
+    def finish_mean(self, global_state: dict[str, Tensor], mean: dict[str, Tensor], acc: WeightedMean) -> dict:
+        return {k: v.to(acc.own.dtypes[k]) for k, v in mean.items()}
 
 
 def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
@@ -116,7 +124,8 @@ class TaskAwareFedAvg(FedAvg):
     ``ClientUpdate.extra["task"]`` (a string; missing = one group ``"default"``). Within a task, clients are weighted
     by their accuracy ``extra["accuracy"]`` (the round's primary-objective accuracy) and normalised to 1; then each
     task gets weight 1/|tasks|, so a task with many clients does not dominate. If a callback set
-    ``ClientUpdate.weight`` on every update, those weights are used instead.
+    ``ClientUpdate.weight`` on every update, those weights are used instead. The weights depend on every client of
+    the round, so it buffers the updates (``streaming`` is false).
 
     Args:
         accuracy_weighting: weight clients within a task by accuracy; False = by ``weighting`` (samples) only.

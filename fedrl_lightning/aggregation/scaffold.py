@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedrl_lightning.aggregation.base import F64, ClientUpdate, LocalObjective, Weighting
+from fedrl_lightning.aggregation.base import F64, ClientUpdate, LocalObjective, WeightedMean, Weighting
 from fedrl_lightning.aggregation.server_opt import ServerOptimizer, check_state_keys, load_tensors
 
 
@@ -67,6 +67,8 @@ class Scaffold(ServerOptimizer):
     server control variate with ``control_variate(global_state)`` (zeros before the first round). LoRA factors are
     averaged separately (no product mode: c lives in factor space).
 
+    Streams (``begin``): the adapters' mean and the sum of the Δc_i are folded as the updates arrive.
+
     Args:
         server_lr: global step size η_g (Karimireddy et al.: 1).
         num_clients: total number of clients N; None = the number that reported this round (|S|), i.e.
@@ -104,18 +106,13 @@ class Scaffold(ServerOptimizer):
     def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: params[k] + self.server_lr * delta[k] for k in params}
 
+    _streams = True
+
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         if not updates:
             return global_state
-        n_total = self.num_clients if self.num_clients is not None else len(updates)
-        if len(updates) > n_total:
-            raise ValueError(f"{len(updates)} clients reported but num_clients is {n_total}")
-        deltas = []
-        for u in updates:
-            dc = u.extra.get("scaffold_delta_c")
-            if dc is None or set(dc) != set(global_state):
-                raise ValueError(f"client {u.client_id} sent no extra['scaffold_delta_c'] with the adapter's keys")
-            deltas.append(dc)
+        n_total = self.total_clients(len(updates))
+        deltas = [self.delta_c(u, global_state) for u in updates]
         check_state_keys("control variate", self.c, global_state)
         new = super().aggregate(global_state, updates)
         self.c = {
@@ -124,11 +121,52 @@ class Scaffold(ServerOptimizer):
         }
         return new
 
+    def total_clients(self, reported: int) -> int:
+        """N of the control variate's update: ``num_clients``, else the clients that reported."""
+        n_total = self.num_clients if self.num_clients is not None else reported
+        if reported > n_total:
+            raise ValueError(f"{reported} clients reported but num_clients is {n_total}")
+        return n_total
+
+    @staticmethod
+    def delta_c(update: ClientUpdate, global_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The Δc_i ``update`` sent; raises a ValueError unless it has the adapter's keys."""
+        dc = update.extra.get("scaffold_delta_c")
+        if dc is None or set(dc) != set(global_state):
+            raise ValueError(f"client {update.client_id} sent no extra['scaffold_delta_c'] with the adapter's keys")
+        return dc
+
+    def accumulator(self, global_state: dict[str, Tensor]) -> WeightedMean:
+        return _ScaffoldMean(self, global_state)
+
+    def finish_mean(self, global_state: dict[str, Tensor], mean: dict[str, Tensor], acc: WeightedMean) -> dict:
+        n_total = self.total_clients(acc.count)
+        check_state_keys("control variate", self.c, global_state)
+        new = super().finish_mean(global_state, mean, acc)
+        zero = {k: torch.zeros(v.shape, dtype=F64) for k, v in global_state.items() if k not in self.c}
+        self.c = {k: self.c.get(k, zero.get(k)) + acc.dc_sum[k] / n_total for k in global_state}
+        return new
+
     def state_dict(self) -> dict:
         return {"c": dict(self.c)}
 
     def load_state_dict(self, state: dict) -> None:
         self.c = load_tensors(state.get("c"))
+
+
+class _ScaffoldMean(WeightedMean):
+    """SCAFFOLD's streaming accumulator: the adapters' weighted mean and the plain sum of the Δc_i, folded as they
+    arrive (the sum starts at zero and adds in client order, as ``aggregate``'s ``sum`` does)."""
+
+    def __init__(self, aggregator: Scaffold, global_state: dict[str, Tensor]) -> None:
+        super().__init__(aggregator, global_state, "global adapter and client states (index 0 = global)", global_state)
+        self.dc_sum = {k: torch.zeros(v.shape, dtype=F64) for k, v in global_state.items()}
+
+    def fold(self, update: ClientUpdate) -> None:
+        dc = Scaffold.delta_c(update, self.global_state)
+        super().fold(update)
+        for k, total in self.dc_sum.items():
+            total += dc[k].to("cpu", F64)
 
 
 class ScaffoldObjective(LocalObjective):

@@ -19,6 +19,7 @@ from fedrl_lightning.aggregation.base import (
     ClientUpdate,
     LoraMode,
     WeightedAggregator,
+    WeightedMean,
     Weighting,
     check_same_keys,
 )
@@ -43,8 +44,9 @@ class ServerOptimizer(WeightedAggregator):
     """Base of the server optimizers: x_{t+1} = step(x_t, Δ̄), Δ̄ = the weighted mean of the client deltas.
 
     Subclasses implement ``step(params, delta)`` (float64 tensors, returns the new params) and keep their state in
-    ``state_dict``. In ``product`` LoRA mode, Δ̄ = (product average re-factorised, signs aligned to x_t) - x_t: a
-    factor-space delta, so momentum and moments act on A and B. [CHOICE]
+    ``state_dict``. With ``separate`` averaging they stream (``begin``): Δ̄ is the mean of the updates folded as they
+    arrive minus x, and the step is taken in ``finish``. In ``product`` LoRA mode, Δ̄ = (product average
+    re-factorised, signs aligned to x_t) - x_t: a factor-space delta, so momentum and moments act on A and B. [CHOICE]
 
     Args:
         weighting: as in ``FedAvg``; callback weights take precedence.
@@ -61,12 +63,24 @@ class ServerOptimizer(WeightedAggregator):
     def step(self, params: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    _streams = True
+
     def aggregate(self, global_state: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
         if not updates:
             return global_state
-        delta = self.pseudo_gradient(global_state, updates)
+        return self.apply(global_state, self.pseudo_gradient(global_state, updates))
+
+    def apply(self, global_state: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
+        """x_{t+1} = step(x_t, Δ̄) in float64, returned in the global adapter's dtypes."""
         new = self.step({k: v.detach().to("cpu", F64) for k, v in global_state.items()}, delta)
         return {k: new[k].to(v.dtype) for k, v in global_state.items()}
+
+    def accumulator(self, global_state: dict[str, Tensor]) -> WeightedMean:
+        return WeightedMean(self, global_state, "global adapter and client states (index 0 = global)", global_state)
+
+    def finish_mean(self, global_state: dict[str, Tensor], mean: dict[str, Tensor], acc: WeightedMean) -> dict:
+        """Streaming: Δ̄ = the folded mean - x, then the step (as ``aggregate``)."""
+        return self.apply(global_state, {k: mean[k] - global_state[k].detach().to("cpu", F64) for k in global_state})
 
 
 class FedAvgM(ServerOptimizer):
@@ -116,7 +130,7 @@ class FedOpt(ServerOptimizer):
     m ← β₁ m + (1-β₁) Δ̄; v ← second_moment(v, Δ̄²) (the square of the pseudo-gradient, not of m as in
     OpenFedLLM); x ← x + η_t m / (√v + τ), m starting at 0. Where the paper leaves a choice, ``convention`` picks:
 
-    * ``flower`` (default): Flower 1.42's strategies exactly (``flwr.serverapp.strategy`` and the older
+    * ``flower`` (default): Flower's strategies (1.32 to 1.42) exactly (``flwr.serverapp.strategy`` and the older
       ``flwr.server.strategy`` agree): v starts at 0; FedAdam's η_t = η √(1-β₂^(t+1)) / (1-β₁^(t+1)) in its t-th
       aggregation (Flower's exponent is server_round + 1, and its rounds count from 1); FedAdagrad and FedYogi η_t = η.
     * ``reddi``: Reddi et al.'s Algorithm 2: v starts at τ² (their v_{-1} ≥ τ²), η_t = η; FedAdam's
@@ -205,13 +219,13 @@ class FedOpt(ServerOptimizer):
 class FedAdagrad(FedOpt):
     """FedAdagrad (Reddi et al. 2021): v ← v + Δ̄²; x ← x + η m / (√v + τ).
 
-    Defaults are Flower 1.42's (η=0.1, τ=1e-3, β₁=0 so m = Δ̄, v_0 = 0). See ``FedOpt`` for the conventions and the
+    Defaults are Flower's (η=0.1, τ=1e-3, β₁=0 so m = Δ̄, v_0 = 0). See ``FedOpt`` for the conventions and the
     scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower: 0.1, far too large for LoRA; use ~1e-3..1e-2 with τ=1e-3, see ``FedOpt``).
         beta_1: first-moment decay β₁ (Flower's FedAdagrad uses 0.0; Reddi et al. allow β₁ > 0).
-        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        tau: adaptivity τ (Flower's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
         convention: ``flower`` (v_0 = 0) or ``reddi`` (v_0 = τ²), see ``FedOpt``.
         initial_v: initial second moment; None = the convention's.
         weighting: as in ``FedAvg``.
@@ -237,14 +251,14 @@ class FedAdagrad(FedOpt):
 class FedAdam(FedOpt):
     """FedAdam (Reddi et al. 2021): v ← β₂ v + (1-β₂) Δ̄²; x ← x + η_t m / (√v + τ).
 
-    Defaults are Flower 1.42's (η=0.1, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0, η_t bias-corrected with Flower's step).
+    Defaults are Flower's (η=0.1, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0, η_t bias-corrected with Flower's step).
     See ``FedOpt`` for the conventions and the scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower: 0.1, far too large for LoRA; use ~1e-3..1e-2 with τ=1e-3, see ``FedOpt``).
         beta_1: first-moment decay β₁.
         beta_2: second-moment decay β₂.
-        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        tau: adaptivity τ (Flower's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
         convention: ``flower`` or ``reddi``, see ``FedOpt``.
         initial_v: initial second moment; None = the convention's (flower 0, reddi τ²).
         bias_correction: η_t = η √(1-β₂^e) / (1-β₁^e) in the t-th aggregation, e = t + 1 under flower (Flower's
@@ -277,14 +291,14 @@ class FedAdam(FedOpt):
 class FedYogi(FedOpt):
     """FedYogi (Reddi et al. 2021): v ← v - (1-β₂) Δ̄² sign(v - Δ̄²); x ← x + η m / (√v + τ).
 
-    Defaults are Flower 1.42's (η=0.01, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0). See ``FedOpt`` for the conventions and
+    Defaults are Flower's (η=0.01, β₁=0.9, β₂=0.99, τ=1e-3, v_0 = 0). See ``FedOpt`` for the conventions and
     the scale of η on LoRA adapters (use ~1e-3..1e-2).
 
     Args:
         eta: server learning rate η (Flower 0.01).
         beta_1: first-moment decay β₁.
         beta_2: second-moment decay β₂.
-        tau: adaptivity τ (Flower 1.42's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
+        tau: adaptivity τ (Flower's ``serverapp`` strategies: 1e-3; its legacy FedAdam/FedAdagrad: 1e-9).
         convention: ``flower`` (v_0 = 0) or ``reddi`` (v_0 = τ²), see ``FedOpt``.
         initial_v: initial second moment; None = the convention's.
         weighting: as in ``FedAvg``.

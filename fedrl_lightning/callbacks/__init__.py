@@ -29,7 +29,7 @@ HOOKS: tuple[str, ...] = (
     "on_round_start",  # server, round_idx
     "on_clients_selected",  # server, round_idx, client_ids
     "on_client_start",  # client, round_idx, client_id, module
-    "on_local_step_end",  # client, round_idx, client_id, module, step
+    "on_local_step_end",  # client, round_idx, client_id, module, step, metrics, samples
     "on_client_end",  # server, round_idx, client_id, update
     "on_before_aggregate",  # server, round_idx, updates
     "on_after_aggregate",  # server, round_idx, global_state
@@ -39,7 +39,11 @@ HOOKS: tuple[str, ...] = (
 )
 """Every hook, in firing order within a run. ``on_client_start`` and ``on_local_step_end`` fire while a client trains,
 where it trains (its rank, its Flower SuperNode); the others fire on the server (in one process: on every rank), and
-``on_client_end`` once per successful client in the round's order, after every selected client has finished."""
+``on_client_end`` once per successful client in the round's order: right after that client's round when the
+aggregator streams (each update is folded, then freed, before the next client trains), after every selected client
+has finished when it buffers (a callback with ``on_before_aggregate`` makes every round buffer).
+``on_local_step_end`` gets ``step`` (0-based within the round), the step's own ``metrics`` and its scored completions
+as ``samples`` (``fedrl_lightning.watch.sample_rows``); ``fedrl_lightning.callbacks.watch`` has the trainer's own."""
 
 
 def fire(callbacks: Iterable[object], hook: str, **kwargs: Any) -> None:
@@ -74,7 +78,14 @@ class Callback:
     def on_client_start(self, client: Client, round_idx: int, client_id: int, module: PolicyModule) -> None: ...
 
     def on_local_step_end(
-        self, client: Client, round_idx: int, client_id: int, module: PolicyModule, step: int
+        self,
+        client: Client,
+        round_idx: int,
+        client_id: int,
+        module: PolicyModule,
+        step: int,
+        metrics: dict[str, float],
+        samples: list[dict[str, Any]],
     ) -> None: ...
 
     def on_client_end(self, server: Server, round_idx: int, client_id: int, update: ClientUpdate) -> None: ...

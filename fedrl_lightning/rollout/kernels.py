@@ -133,6 +133,46 @@ def pack(weight: Tensor) -> Tensor:
     return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
 
 
+def pack_sum(
+    parts: list[tuple[Tensor, Tensor | None, Tensor | None, float, float]], out: Tensor | None = None
+) -> Tensor:
+    """``pack`` of the row-concatenation of ``scale * (W + alpha * B @ A)`` over ``parts``, in one pass.
+
+    The panels are written straight from W and the low-rank factors (one ``baddbmm`` per part), where merging,
+    concatenating and packing would each pass over the weights. ``out``, a previous result of the same shape, is
+    written in place (no new allocation after an optimizer step).
+
+    Args:
+        parts: (W (n_i, K), B (n_i, r) or None, A (r, K) or None, alpha, scale) per part; each n_i a multiple of
+            ``PANEL``; B and A in W's dtype.
+        out: panels (N / PANEL, K, PANEL) to overwrite, or None.
+    """
+    k = parts[0][0].shape[1]
+    shape = (sum(w.shape[0] for w, *_ in parts) // PANEL, k, PANEL)
+    if out is None or out.shape != shape or out.dtype != parts[0][0].dtype:
+        out = torch.empty(shape, dtype=parts[0][0].dtype)
+    start = 0
+    for w, b, a, alpha, scale in parts:
+        panels = w.shape[0] // PANEL
+        lib = library()
+        if lib is not None:  # one read of W, one write of the panels (8 x 8 blocks transposed in registers)
+            lib.pack_low_rank(w.detach(), _detach(b), _detach(a), out[start : start + panels], scale, alpha * scale)
+        else:
+            dst, src = out[start : start + panels], w.detach().view(panels, PANEL, k).transpose(1, 2)
+            if b is None or a is None:
+                torch.mul(src, scale, out=dst)
+            else:  # (K, r) @ (r, 8) per panel: the delta's panel, transposed as the layout wants it
+                rank = a.shape[0]
+                factors = (a.detach().t().expand(panels, k, rank), b.detach().view(panels, PANEL, rank).transpose(1, 2))
+                torch.baddbmm(src, *factors, beta=scale, alpha=alpha * scale, out=dst)
+        start += panels
+    return out
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 def unpack(packed: Tensor, n: int) -> Tensor:
     """Panels back to the (N, K) weight (a copy)."""
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:n]

@@ -21,7 +21,7 @@ from fedrl_lightning.algorithms.fedgrpo.advantages import federated_advantages
 from fedrl_lightning.algorithms.fedgrpo.reward import ExpertReward
 from fedrl_lightning.modules.grpo import GRPOModule
 from fedrl_lightning.modules.pg import RewardFunc, expand_columns, nanstd
-from fedrl_lightning.rewards import format_reward, reasoning_gym_reward, tag_count_reward
+from fedrl_lightning.rewards import as_completions, format_reward, reasoning_gym_reward, tag_count_reward
 from fedrl_lightning.rollout import Rollout
 
 
@@ -91,8 +91,7 @@ class FedGRPOModule(GRPOModule):
     def score(self, rollout: Rollout, examples: list[dict[str, Any]], group_size: int) -> Tensor:
         """(N, 1) rewards from the selected experts; each question's rows are ``group_size`` = G contiguous rows."""
         prompts, columns = expand_columns(examples, group_size)
-        completions = [[{"role": "assistant", "content": text}] for text in rollout.completions]
-        values = self.experts(prompts, completions, **columns)
+        values = self.experts(prompts, as_completions(prompts, rollout.completions), **columns)
         out = torch.tensor([float("nan") if v is None else v for v in values], dtype=torch.float32)
         self.tracker.update("rewards/experts/mean", torch.nanmean(out))
         self.tracker.update("rewards/experts/std", nanstd(out))
