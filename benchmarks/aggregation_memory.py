@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,9 @@ def main(
     out: str = "benchmarks/results/aggregation_memory.json",
 ) -> list[dict[str, Any]]:
     """Every (aggregator, mode, k) in its own process; prints the table and writes ``out``."""
+    from paired import provenance  # here, not at the top: the measured child processes import this module
+
+    start = time.perf_counter()
     rows = []
     for aggregator in aggregators:
         for mode in ("buffered", "streaming"):
@@ -130,7 +134,8 @@ def main(
     Console().print(table)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ks": ks, "update_mb": update_mb, "rows": rows}, indent=2) + "\n")
+    doc = {"ks": ks, "update_mb": update_mb, "rows": rows, **provenance(start)}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     return rows
 
 

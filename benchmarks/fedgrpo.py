@@ -1,10 +1,8 @@
-"""FedGRPO on domain-split reasoning-gym tasks: confidence vs random expert selection vs centralized GRPO.
+"""FedGRPO on domain-split reasoning-gym tasks: confidence vs random expert selection vs centralized GRPO, seeds.
 
-    python benchmarks/fedgrpo.py                                   # embedded model
-    python benchmarks/fedgrpo.py --model tiny-random --steps 1 --eval_per_task 2   # smoke run
-    # methods in two processes, then one table from both JSON files:
-    python benchmarks/fedgrpo.py --methods '[central]' --evaluate_base false --out /tmp/central
-    python benchmarks/fedgrpo.py --methods '[]' --merge '[benchmarks/results/fedgrpo.json, /tmp/central/fedgrpo.json]'
+    python benchmarks/fedgrpo.py                                         # every method, seeds 0 1 2
+    python benchmarks/fedgrpo.py --methods '[central]' --seeds '[0]'      # a piece (another process may share --out)
+    python benchmarks/fedgrpo.py --model tiny-random --steps 1 --eval_per_task 2 --untrained_size 2 --out /tmp/fg
 
 The server trains the policy on questions from ``len(tasks)`` domains; ``experts_per_domain x len(tasks)`` expert
 clients each hold the labels of one domain (``partition: by_task``) and grade with the task verifier x 8 plus an
@@ -15,26 +13,26 @@ advantage, FedGRPO's bnpo / 0.2-0.3 / beta 1e-4 / 3 iterations). Methods, same s
 - ``fedgrpo_random``: M experts uniformly at random (the released code's routing);
 - ``central``: GRPO with the server holding every label (``reveal_answers``), the same G per question.
 
-Reports held-out greedy accuracy before and after, the share of candidate rewards graded by an expert that holds
-the question's labels (the rest earn only the format bonus), bytes per round from the channel's ledger and, for
+After training the server's adapter scores ``eval_per_task`` held-out questions per domain (greedy; the groups of
+the paired tests are the domains) and the untrained families (``paired.py``); the base model is scored once per
+seed. Each method is compared with random routing and with centralized GRPO on identical prompts (exact McNemar,
+pooled over domains and seeds). Also reported: the share of candidate rewards graded by an expert that holds the
+question's labels (the rest earn only the format bonus), bytes per round from the channel's ledger and, for
 comparison, the bytes of one FedAvg round on the same LoRA adapter (every expert downloads and uploads it).
-Writes ``benchmarks/results/fedgrpo.json`` and ``fedgrpo.png``.
+
+Results accumulate in ``<out>/fedgrpo.json`` by budget, method and seed (a finished pair is skipped unless
+``--force true``); the tables and ``fedgrpo.png`` are rebuilt from all of them each time.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
 from jsonargparse import CLI
-from rich.console import Console
-from rich.table import Table
+from paired import TASK_KWARGS, UNTRAINED_FAMILIES, Benchmark, Trained, check_untrained, fit, run
 from safetensors.torch import save as st_save
 
 from fedrl_lightning.algorithms.fedgrpo import FedGRPOModule
@@ -45,23 +43,15 @@ from fedrl_lightning.algorithms.fedgrpo.selection import ConfidenceSelector, Ran
 from fedrl_lightning.data import FederatedData
 from fedrl_lightning.modules import GRPOModule
 from fedrl_lightning.rewards import answer_tag_reward, reasoning_gym_reward
-from fedrl_lightning.trainer import FederatedTrainer
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("fedgrpo_confidence", "fedgrpo_random", "central")
-TASK_KWARGS = {
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
-    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 20},
-    "simple_equations": {"min_terms": 2, "max_terms": 2, "min_value": 1, "max_value": 9},
-}
 REWARDS = [reasoning_gym_reward, answer_tag_reward]
 WEIGHTS = [8.0, 1.0]
 
 
-def make_data(cfg: dict[str, Any], reveal_answers: bool) -> FedGRPOData:
+def make_data(cfg: dict[str, Any], seed: int, reveal_answers: bool, eval_per_task: int) -> FedGRPOData:
+    """The seed's questions and expert labels. Training gets ``eval_per_task`` 0 (the trainer scores nothing): the
+    server's train questions do not depend on it, and the held-out questions come from the same call with it."""
     tasks = cfg["tasks"]
     experts = FederatedData(
         tasks=tasks,
@@ -70,29 +60,33 @@ def make_data(cfg: dict[str, Any], reveal_answers: bool) -> FedGRPOData:
         partition="by_task",
         train_size=8,
         eval_size=0,
-        seed=cfg["seed"],
+        seed=seed,
     )
     return FedGRPOData(
         experts,
         questions_per_task=cfg["steps"] * cfg["prompts_per_step"],
-        eval_per_task=cfg["eval_per_task"],
+        eval_per_task=eval_per_task,
         aux_per_task=cfg["aux_per_task"],
         task_metadata=True,
         reveal_answers=reveal_answers,
-        seed=cfg["seed"],
+        seed=seed,
     )
 
 
-def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: bool) -> dict[str, Any]:
-    """Train one method from the same initial policy; returns accuracy, selection quality and bytes."""
-    torch.manual_seed(cfg["seed"])
-    common = dict(
+def held_out(cfg: dict[str, Any], seed: int) -> dict[str, list[dict]]:
+    """The server's held-out questions, grouped by domain."""
+    examples = make_data(cfg, seed, reveal_answers=False, eval_per_task=cfg["eval_per_task"]).eval_examples(0)
+    return {task: [ex for ex in examples if ex["task"] == task] for task in cfg["tasks"]}
+
+
+def _common(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    return dict(
         model=cfg["model"],
         lora_r=16,
         lora_alpha=32,
         learning_rate=cfg["learning_rate"],
         prompts_per_step=cfg["prompts_per_step"],
-        micro_batch_size=16,
+        micro_batch_size=cfg["micro_batch_size"],
         max_completion_length=cfg["max_completion_length"],
         temperature=cfg["temperature"],
         reward_funcs=REWARDS,
@@ -104,56 +98,51 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: b
         epsilon_high=0.3,
         beta=1e-4,
         num_iterations=cfg["num_iterations"],
-        seed=cfg["seed"],
+        seed=seed,
     )
+
+
+def make_module(cfg: dict[str, Any], seed: int) -> GRPOModule:
+    """Centralized GRPO's module (also the base: every method starts from the same policy)."""
+    return GRPOModule(num_generations=cfg["generations_per_expert"] * cfg["experts_per_question"], **_common(cfg, seed))
+
+
+def train(method: str, cfg: dict[str, Any], seed: int, run_dir: Path) -> Trained:
+    """Train one method from the same initial policy; the server's adapter, selection quality and bytes."""
+    torch.manual_seed(seed)
     m, g = cfg["experts_per_question"], cfg["generations_per_expert"]
     reward: ExpertReward | None = None
     if method == "central":
-        module: Any = GRPOModule(num_generations=g * m, **common)
-        data = make_data(cfg, reveal_answers=True)
+        module: Any = make_module(cfg, seed)
+        data = make_data(cfg, seed, reveal_answers=True, eval_per_task=0)
     else:
-        selector = (
-            ConfidenceSelector(seed=cfg["seed"]) if method == "fedgrpo_confidence" else RandomSelector(cfg["seed"])
-        )
-        pool = ExpertPool(ExpertSpec(reward_funcs=REWARDS, reward_weights=WEIGHTS), seed=cfg["seed"])
+        selector = ConfidenceSelector(seed=seed) if method == "fedgrpo_confidence" else RandomSelector(seed)
+        pool = ExpertPool(ExpertSpec(reward_funcs=REWARDS, reward_weights=WEIGHTS), seed=seed)
         reward = ExpertReward(pool, selector, experts_per_question=m, generations_per_expert=g)
-        module = FedGRPOModule(experts=reward, **common)
-        data = make_data(cfg, reveal_answers=False)
-    run_dir = out_dir / f"fedgrpo_run/{method}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    trainer = FederatedTrainer(
-        num_rounds=cfg["steps"],
-        local_steps=1,
-        aggregation=None,
-        eval_every=0,
-        eval_before_training=evaluate_base,
-        eval_batch_size=cfg["eval_batch_size"],
-        output_dir=str(run_dir),
-        seed=cfg["seed"],
-        progress=False,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, data, ckpt_path=None)
-    minutes = (time.perf_counter() - start) / 60
+        module = FedGRPOModule(experts=reward, **_common(cfg, seed))
+        data = make_data(cfg, seed, reveal_answers=False, eval_per_task=0)
+    steps = cfg["steps"]
+    trainer, trained = fit(module, data, None, steps, 1, run_dir, seed, cfg["tasks"], progress=False)
     history = {h["round"]: h for h in trainer.history}
     # The expert wire's ledger, one row per (server step = round, expert, direction); centralized GRPO sends nothing.
     ledger = reward.channel.ledger() if reward is not None else trainer.comm.ledger()
-    rounds = range(1, cfg["steps"] + 1)
-    result: dict[str, Any] = {
-        "accuracy": history[cfg["steps"]]["eval/accuracy_mean"],
-        "eval_reward": history[cfg["steps"]]["eval/reward_mean"],
-        "train_reward": [history[r].get("client0/reward", math.nan) for r in rounds],
-        "minutes": minutes,
+    rounds = range(1, steps + 1)
+    adapter_bytes = len(st_save({k: v.contiguous() for k, v in module.trainable_state().items()}))
+    num_experts = cfg["experts_per_domain"] * len(cfg["tasks"])
+    trained.extra = {
         "bytes_down_per_round": _mean_bytes(ledger, rounds, "down"),
         "bytes_up_per_round": _mean_bytes(ledger, rounds, "up"),
+        "tensor_bytes": sum(r["tensor_bytes"] for r in ledger),
+        # a FedAvg round on the same adapter: every expert downloads the global adapter and uploads its own
+        "fedavg_lora_bytes_per_round": 2 * num_experts * adapter_bytes,
+        "labelled_share": 1.0,
+    }
+    trained.details = {
+        "train_reward": [history[r].get("client0/reward", math.nan) for r in rounds],
         "graph_bytes": {
             d: sum(r["bytes"] for r in ledger if r["round"] == 0 and r["direction"] == d) for d in ("down", "up")
         },
-        "tensor_bytes": sum(r["tensor_bytes"] for r in ledger),
-        "adapter_bytes": len(st_save({k: v.contiguous() for k, v in module.trainable_state().items()})),
     }
-    if evaluate_base:
-        result["base_accuracy"] = history[0]["eval/accuracy_mean"]
     if reward is not None:
         log = reward.record()
         owners = {k: data.expert_domains(k) for k in data.expert_ids()}
@@ -164,136 +153,66 @@ def run_method(method: str, cfg: dict[str, Any], out_dir: Path, evaluate_base: b
                     task, expert = key.split("->")
                     total += n
                     hits += n * (task in owners[int(expert.removeprefix("expert"))])
-        result["labelled_share"] = hits / total if total else math.nan
-        result["competence"] = log["competence"]
-    else:
-        result["labelled_share"] = 1.0
-    return result
+        trained.extra["labelled_share"] = hits / total if total else math.nan
+        trained.details["competence"] = log["competence"]
+    return trained
 
 
 def _mean_bytes(ledger: list[dict], rounds: range, direction: str) -> float:
     return sum(r["bytes"] for r in ledger if r["round"] in rounds and r["direction"] == direction) / len(rounds)
 
 
-def plot(results: dict[str, Any], base: float, path: Path) -> None:
-    methods = [m for m in METHODS if m in results]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].bar(methods, [results[m]["accuracy"] for m in methods], color=["C0", "C1", "C2"][: len(methods)])
-    axes[0].axhline(base, color="k", ls="--", lw=1, label="before training")
-    axes[0].set_ylabel("held-out accuracy (greedy)")
-    axes[0].legend(fontsize=8)
-    for m in methods:
-        axes[1].plot(range(1, len(results[m]["train_reward"]) + 1), results[m]["train_reward"], marker="o", label=m)
-    axes[1].set_xlabel("server step")
-    axes[1].set_ylabel("train reward (as the server received it)")
-    axes[1].legend(fontsize=8)
-    fed = [m for m in methods if m != "central"]
-    any_fed = results[fed[0]] if fed else None
-    if any_fed is not None:
-        names = ["FedGRPO down", "FedGRPO up", "FedAvg-LoRA down", "FedAvg-LoRA up"]
-        fedavg = any_fed["fedavg_lora_bytes_per_round"] / 2
-        values = [any_fed["bytes_down_per_round"], any_fed["bytes_up_per_round"], fedavg, fedavg]
-        axes[2].bar(names, values, color=["C0", "C0", "C3", "C3"])
-        axes[2].set_yscale("log")
-        axes[2].set_ylabel("bytes per round")
-        axes[2].tick_params(axis="x", labelsize=7)
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(
     methods: list[str] = list(METHODS),
+    seeds: list[int] = [0, 1, 2],
     model: str = "embedded",
     tasks: list[str] = ["basic_arithmetic", "gcd"],
     experts_per_domain: int = 2,
     experts_per_question: int = 2,
     generations_per_expert: int = 4,
-    steps: int = 8,
-    prompts_per_step: int = 2,
+    steps: int = 16,
+    prompts_per_step: int = 4,
     num_iterations: int = 3,
-    max_completion_length: int = 48,
+    max_completion_length: int = 32,
     temperature: float = 0.7,
     learning_rate: float = 1e-4,
-    eval_per_task: int = 32,
+    micro_batch_size: int = 32,
+    eval_per_task: int = 128,
     aux_per_task: int = 8,
-    eval_batch_size: int = 16,
-    seed: int = 0,
+    eval_batch_size: int = 64,
+    untrained_families: list[str] = UNTRAINED_FAMILIES,
+    untrained_size: int = 64,
     out: str = "benchmarks/results",
-    evaluate_base: bool = True,
-    merge: list[str] = [],
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run ``methods`` with one budget and write the table, JSON and PNG.
+    """Run the missing (method, seed) pairs of ``methods`` x ``seeds`` with one budget; print and plot them all.
 
-    ``evaluate_base`` scores the untrained policy before the first method. ``merge`` names ``fedgrpo.json`` files of
-    other processes run with the same configuration (methods run in parallel); their results join this run's.
+    Args:
+        methods: any of ``METHODS``, and ``base`` (with ``force``: score the base model again).
+        seeds: each seed draws the questions, expert data and held-out questions and seeds the training; all
+            methods of a seed share them (paired comparisons).
+        model: the policy (``embedded``: SmolLM2-135M-Instruct; ``tiny-random`` for a smoke run).
+        eval_per_task: held-out server questions per domain (greedy).
+        untrained_families: reasoning-gym families outside ``tasks``, ``untrained_size`` prompts each.
+        out: where ``fedgrpo.json``, ``fedgrpo.png`` and the runs go.
+        force: rerun (method, seed) pairs already stored for this budget.
     """
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    cfg = {k: v for k, v in locals().items() if k not in ("methods", "out", "unknown", "evaluate_base", "merge")}
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    base = math.nan
-    for path in merge:
-        other = json.loads(Path(path).read_text())
-        if other["config"] != cfg:
-            raise ValueError(f"{path} was run with another configuration: {other['config']}")
-        results.update(other["results"])
-        base = other["base_accuracy"] if math.isnan(base) else base
-    for i, method in enumerate(methods):
-        Console().rule(f"fedgrpo: {method}")
-        results[method] = run_method(method, cfg, out_dir, evaluate_base=evaluate_base and i == 0)
-        base = results[method].get("base_accuracy", base)
-        num_experts = experts_per_domain * len(tasks)
-        # A FedAvg round on the same adapter: every expert downloads the global adapter and uploads its own.
-        results[method]["fedavg_lora_bytes_per_round"] = 2 * num_experts * results[method]["adapter_bytes"]
-        (out_dir / "fedgrpo.json").write_text(
-            json.dumps({"config": cfg, "base_accuracy": base, "results": results}, indent=2)
-        )
-    (out_dir / "fedgrpo.json").write_text(
-        json.dumps({"config": cfg, "base_accuracy": base, "results": results}, indent=2)
-    )
-    n_eval = eval_per_task * len(tasks)
+    cfg = {k: v for k, v in locals().items() if k not in ("methods", "seeds", "out", "force")}
+    check_untrained(untrained_families, tasks)
     group = generations_per_expert * experts_per_question
-    table = Table(title=f"FedGRPO, {steps} server steps x {prompts_per_step} questions x G={group}")
-    table.caption = (
-        f"domains {tasks}, {experts_per_domain} experts per domain, M={experts_per_question}; held-out: {n_eval} "
-        f"questions, greedy; accuracy before training {base:.3f}. 'labelled' = share of candidate rewards graded by "
-        "an expert holding the question's labels. FedAvg-LoRA: one round, every expert downloads + uploads the adapter."
+    bench = Benchmark(
+        name="fedgrpo",
+        methods=METHODS,
+        references=("fedgrpo_random", "central"),
+        held_out=held_out,
+        train=train,
+        base_module=make_module,
+        title=(
+            f"FedGRPO: {steps} server steps x {prompts_per_step} questions x G={group} (M={experts_per_question}), "
+            f"domains {', '.join(tasks)}, {eval_per_task} held-out questions per domain"
+        ),
     )
-    for col in (
-        "method",
-        "accuracy",
-        "eval reward",
-        "labelled",
-        "down B/round",
-        "up B/round",
-        "tensor B",
-        "FedAvg-LoRA B/round",
-        "minutes",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for m in [m for m in METHODS if m in results]:
-        r = results[m]
-        table.add_row(
-            m,
-            f"{r['accuracy']:.3f}",
-            f"{r['eval_reward']:.2f}",
-            f"{r['labelled_share']:.2f}",
-            f"{r['bytes_down_per_round']:.0f}",
-            f"{r['bytes_up_per_round']:.0f}",
-            str(r["tensor_bytes"]),
-            f"{r['fedavg_lora_bytes_per_round']:.3g}",
-            f"{r['minutes']:.1f}",
-        )
-    Console(width=160).print(table)
-    plot(results, base, out_dir / "fedgrpo.png")
-    return results
+    return run(bench, cfg, methods, seeds, out, force)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,9 @@ def main(
         chunk = None if child_chunk == "auto" else int(child_chunk)
         print(json.dumps(child(chunk, **shape)))
         return None
+    from paired import provenance  # the parent only: the measured children do not import it
+
+    start = time.perf_counter()
     rows = []
     for chunk in chunk_sizes:
         Console().print(f"logprob_memory: logprob_chunk_size={chunk}")
@@ -142,7 +145,7 @@ def main(
     Console(width=160).print(table)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**shape, "rows": rows}, indent=2))
+    path.write_text(json.dumps({**shape, "rows": rows, **provenance(start)}, indent=2))
     return rows
 
 

@@ -32,6 +32,9 @@ def _perturb(module: GRPOModule, gen: torch.Generator) -> None:
 
 
 def main(model: str = "embedded", lora_r: int = 16, repeats: int = 7, out: str = "benchmarks/results/repack.json"):
+    from paired import provenance  # the command and wall time, for results_page.py
+
+    start = time.perf_counter()
     module = GRPOModule(model=model, lora_r=lora_r, lora_alpha=2 * lora_r)
     decoder, gen = LeanDecoder(module.model), torch.Generator().manual_seed(0)
     one_pass = fused._low_rank_parts
@@ -65,6 +68,7 @@ def main(model: str = "embedded", lora_r: int = 16, repeats: int = 7, out: str =
         "speedup": before / after,
         "threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0],
+        **provenance(start),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))

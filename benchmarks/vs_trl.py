@@ -213,6 +213,7 @@ def main(
 
     ``tolerance`` bounds the log-prob difference and the gradient's relative difference, ``loss_tolerance`` the loss
     difference of every case of the loss check."""
+    start = time.perf_counter()
     trl = _trl()
     from datasets import Dataset
     from peft import LoraConfig
@@ -367,6 +368,9 @@ def main(
         "steps": rows,
     }
     _print(result, tolerance, loss_tolerance)
+    from paired import provenance  # the command and wall time, for results_page.py
+
+    result.update(provenance(start))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
     if (

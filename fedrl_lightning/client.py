@@ -159,10 +159,15 @@ def run_steps(
 
 
 @torch.no_grad()
-def evaluate(
+def score_examples(
     module: PolicyGradientModule, backend: RolloutBackend, examples: list[dict], batch_size: int = 32
-) -> dict[str, float]:
-    """Greedy accuracy (``accuracy_func`` >= 1) and mean weighted reward on held-out examples."""
+) -> tuple[Tensor, Tensor]:
+    """Greedy per-example correctness (``accuracy_func`` >= 1; a failed verifier is wrong) and weighted reward.
+
+    Returns:
+        ``(correct, reward)``, each ``(len(examples),)`` float, in the examples' order (paired comparisons of two
+        adapters on the same prompts use ``correct``).
+    """
     params = module.eval_sampling()
     correct, rewards = [], []
     for start in range(0, len(examples), batch_size):
@@ -176,8 +181,18 @@ def evaluate(
         per_func, _ = compute_rewards(module.reward_funcs, prompts, completions, columns, **kwargs)
         rewards.append(weighted_reward_sum(per_func, module.reward_weights))
     if not correct:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(correct), torch.cat(rewards)
+
+
+def evaluate(
+    module: PolicyGradientModule, backend: RolloutBackend, examples: list[dict], batch_size: int = 32
+) -> dict[str, float]:
+    """Greedy accuracy and mean weighted reward on held-out examples (``score_examples``); {} for none."""
+    if not examples:
         return {}
-    return {"accuracy": float(torch.cat(correct).mean()), "reward": float(torch.cat(rewards).nanmean())}
+    correct, rewards = score_examples(module, backend, examples, batch_size)
+    return {"accuracy": float(correct.mean()), "reward": float(rewards.nanmean())}
 
 
 def update_distance(adapter: Mapping[str, Tensor], start: Mapping[str, Tensor]) -> float:

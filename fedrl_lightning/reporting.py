@@ -34,6 +34,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from fedrl_lightning.stats import wilson_interval
+
 
 def _requires(package: str) -> None:
     """An optional extra's package, or one line saying how to install it."""
@@ -247,14 +249,21 @@ def completions_table(rows: Sequence[Mapping[str, Any]], max_rows: int = 8) -> T
     return table
 
 
+MAX_CLIENT_ROWS = 32  # a thousand-client federation prints a table, not a thousand lines
+
+
 def print_plan(console: Console, trainer: FederatedTrainer, module: PolicyModule, data: FederatedData) -> None:
     """The federation and the batch geometry, printed once so a mis-sized run is obvious before it starts."""
     table = Table(title="clients")
     for col in ("client", "train", "held-out", "tasks"):
         table.add_column(col, justify="right" if col != "tasks" else "left")
-    for row in data.describe():
+    rows = data.describe()
+    for row in rows[:MAX_CLIENT_ROWS]:
         tasks = ", ".join(f"{k}:{v}" for k, v in row["task_counts"].items())
         table.add_row(str(row["client_id"]), str(row["n_train"]), str(row["n_eval"]), tasks)
+    if len(rows) > MAX_CLIENT_ROWS:
+        n_train, n_eval = sum(r["n_train"] for r in rows), sum(r["n_eval"] for r in rows)
+        table.caption = f"{MAX_CLIENT_ROWS} of {len(rows)} clients shown; {n_train} train, {n_eval} held-out in all"
     console.print(table)
     g = getattr(module, "num_generations", 1)
     per_step = getattr(module, "prompts_per_step", 0)
@@ -275,70 +284,6 @@ def print_round(console: Console, r: int, num_rounds: int, metrics: dict[str, fl
     if metrics.get("faults/dropped"):
         line += f", {int(metrics['faults/dropped'])} client(s) dropped"
     console.print(line)
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion: ``successes`` out of ``n`` (95% for ``z = 1.96``).
-
-    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a point at 0 or n successes
-    (0 of 16 gives [0, 0.194]), which matters for held-out splits of a few dozen prompts.
-
-    Args:
-        successes: correct answers (a count; a float such as ``accuracy * n`` is rounded to the nearest count).
-        n: trials; 0 gives the uninformative (0, 1).
-        z: the normal quantile of the two-sided level (1.96: 95%).
-
-    Returns:
-        ``(low, high)``.
-    """
-    if n < 0 or z < 0:
-        raise ValueError(f"n and z must be >= 0, got {n} and {z}")
-    if n == 0:
-        return 0.0, 1.0
-    k = round(successes)
-    if not 0 <= k <= n:
-        raise ValueError(f"successes must be in [0, n={n}], got {successes}")
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def discordant_pairs(first: Sequence[int | bool], second: Sequence[int | bool]) -> tuple[int, int]:
-    """The discordant pairs of two paired 0/1 outcome vectors (two models scored on the same prompts, in order).
-
-    Returns:
-        ``(b, c)``: ``b`` prompts that ``first`` got right and ``second`` wrong, ``c`` the other way round. The
-        difference of their accuracies is ``(b - c) / len(first)``.
-
-    Raises:
-        ValueError: vectors of different lengths (they cannot be paired).
-    """
-    if len(first) != len(second):
-        raise ValueError(f"paired vectors must have the same length, got {len(first)} and {len(second)}")
-    b = sum(1 for x, y in zip(first, second) if x and not y)
-    c = sum(1 for x, y in zip(first, second) if y and not x)
-    return b, c
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value of ``b`` against ``c`` discordant pairs (``discordant_pairs``).
-
-    Under the null hypothesis (both models equally accurate on these prompts) each of the ``n = b + c`` discordant
-    pairs falls either way with probability 1/2, so the p-value is the two-sided binomial test of ``min(b, c)`` out
-    of ``n`` at 0.5: ``min(1, 2 * P(X <= min(b, c)))`` for ``X ~ Binomial(n, 1/2)`` (as
-    ``scipy.stats.binomtest(b, b + c).pvalue``; e.g. b=10, c=2 gives 0.0386). No discordant pair gives 1.0. The
-    concordant pairs carry no information about the difference and do not enter.
-    """
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0, got {b} and {c}")
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1))  # exact integers: no underflow for thousands of pairs
-    return min(1.0, 2 * tail / 2**n)
 
 
 def _with_interval(accuracy: float, n: int | None) -> str:
@@ -373,7 +318,7 @@ def print_summary(
     prompts_col = ("prompts",) if sizes else ()
     for col in ("client", *prompts_col, "before", "after", "reward before", "reward after"):
         table.add_column(col, justify="right", no_wrap=True)
-    correct, total = [0, 0], 0  # pooled over the clients with a known size: before, after; prompts
+    correct, total, shown = [0, 0], 0, 0  # pooled over the clients with a known size: before, after; prompts
     for cid in client_ids:
         k = f"client{cid}/eval"
         n = sizes.get(cid)
@@ -381,6 +326,11 @@ def print_summary(
         if n is not None and all(math.isfinite(a) for a in accs):
             correct = [c + round(a * n) for c, a in zip(correct, accs, strict=True)]
             total += n
+        if not any(math.isfinite(a) for a in accs):  # never evaluated (no held-out set): no row
+            continue
+        shown += 1
+        if shown > MAX_CLIENT_ROWS:  # in the pooled mean only
+            continue
         rewards = (f"{h.get(f'{k}/reward', float('nan')):.3f}" for h in (first, last))
         count = (str(n) if n is not None else "",) if sizes else ()
         table.add_row(str(cid), *count, *(_with_interval(a, n) for a in accs), *rewards)
@@ -393,4 +343,6 @@ def print_summary(
         means.append(cell)
     rewards = (f"{h['eval/reward_mean']:.3f}" for h in (first, last))
     table.add_row("mean", *((str(total),) if sizes else ()), *means, *rewards)
+    if shown > MAX_CLIENT_ROWS:
+        table.caption = f"{MAX_CLIENT_ROWS} of {shown} evaluated clients shown; the mean is over all"
     console.print(table)

@@ -7,7 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from fedrl_lightning.reporting import discordant_pairs, mcnemar_exact, print_summary, wilson_interval
+from fedrl_lightning.reporting import print_summary
+from fedrl_lightning.stats import discordant_pairs, mcnemar_exact, wilson_interval
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,22 @@ def test_summary_prints_intervals_and_pooled_mean():
     plain = io.StringIO()
     print_summary(Console(file=plain, width=200), history, [0, 1])  # without sizes: the accuracies alone
     assert "0.125" in plain.getvalue() and "[" not in plain.getvalue()
+
+
+def test_summary_of_many_clients_shows_the_evaluated_ones_up_to_a_limit():
+    from fedrl_lightning.reporting import MAX_CLIENT_ROWS
+
+    n = MAX_CLIENT_ROWS + 8
+    ids = list(range(1000))  # only the first n hold a held-out set
+    rows = [{"round": r, "eval/accuracy_mean": 0.5, "eval/reward_mean": 0.5} for r in (0, 3)]
+    for row in rows:
+        row.update({f"client{c}/eval/accuracy": 0.5 for c in range(n)})
+    out = io.StringIO()
+    print_summary(Console(file=out, width=200), rows, ids, eval_sizes={c: 2 for c in range(n)})
+    text = out.getvalue()
+    assert f"{MAX_CLIENT_ROWS} of {n} evaluated clients shown" in text
+    first_cells = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert first_cells[0] == "0" and first_cells[MAX_CLIENT_ROWS - 1] == str(MAX_CLIENT_ROWS - 1)
+    assert first_cells[MAX_CLIENT_ROWS:] == ["mean"]
+    mean_row = next(line for line in text.splitlines() if line.startswith("│") and "mean" in line.split("│")[1])
+    assert mean_row.split("│")[2].strip() == str(2 * n)  # the mean row pools every evaluated client's prompts
