@@ -18,6 +18,7 @@ id a checkpoint must match) and its version.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,7 @@ from torch import Tensor
 from fedrl_lightning.client_state import KINDS, ClientStateBank, _Layout
 
 HEADER = "bank.json"
+log = logging.getLogger(__name__)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -88,6 +90,8 @@ class DiskClientStateBank(ClientStateBank):
     def _open(self, fresh: bool) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if fresh:
+            if self._path(HEADER).is_file():  # a run's own crash before its first checkpoint, or another run's bank
+                log.warning("%s held a client-state bank already: a new run starts it over", self.directory)
             for old in [*self.directory.glob("*.bin"), *self.directory.glob("undo-*.log")]:
                 old.unlink()
             self.uid, self.version = uuid.uuid4().hex, 0

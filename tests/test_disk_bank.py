@@ -133,3 +133,13 @@ def test_checkpoints_move_between_ram_and_disk_banks_only_where_they_can(tmp_pat
         other.load_state_dict(disk.state_dict())
     with pytest.raises(ValueError, match="no client-state bank to resume"):
         DiskClientStateBank(range(3), tmp_path / "empty").load_state_dict(disk.state_dict())
+
+
+def test_a_new_run_over_an_old_bank_says_it_starts_it_over(tmp_path, caplog):
+    old = DiskClientStateBank(range(2), tmp_path)
+    old.put(0, _state(0, 1.0))
+    old.close()
+    new = DiskClientStateBank(range(2), tmp_path)
+    new.put(1, _state(1, 2.0))
+    assert "held a client-state bank already" in caplog.text
+    assert new.get(0) is None and _value(new, 1) == 2.0
