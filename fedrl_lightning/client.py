@@ -35,7 +35,7 @@ from fedrl_lightning.client_state import (
     optimizer_tensors,
 )
 from fedrl_lightning.data import ClientSampler, FederatedData
-from fedrl_lightning.disk_bank import DiskClientStateBank
+from fedrl_lightning.disk_bank import open_bank
 from fedrl_lightning.losses import weighted_reward_sum
 from fedrl_lightning.modules.pg import PolicyGradientModule, expand_columns
 from fedrl_lightning.modules.policy import MetricTracker
@@ -264,12 +264,7 @@ class Client:
         data.prepare_data()
         data.setup("fit")  # build every client's split now, so bad data fails before any training
         module.setup_data(data)
-        if state_dir is None:
-            bank = ClientStateBank(data.client_ids())
-        else:
-            if fabric.world_size > 1:  # every rank keeps every client's state: each its own files
-                state_dir = Path(state_dir) / f"rank{fabric.global_rank}"
-            bank = DiskClientStateBank(data.client_ids(), state_dir, keep_versions)
+        bank = open_bank(data.client_ids(), state_dir, keep_versions, fabric.global_rank, fabric.world_size)
         return cls(fabric, wrapped, optimizer, rollout, data, aggregation, bank=bank, **kwargs)
 
     def _fire(self, hook: str, **kwargs: object) -> None:

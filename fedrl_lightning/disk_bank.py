@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedrl_lightning import ranks
 from fedrl_lightning.client_state import KINDS, ClientStateBank, _Layout
 
 HEADER = "bank.json"
@@ -67,11 +68,15 @@ class DiskClientStateBank(ClientStateBank):
         directory: where the row files, undo journals and ``bank.json`` live (created if needed). A new run
             empties it on its first write; a resumed run reuses it.
         keep_versions: how many checkpoints' versions stay restorable (the run's ``keep_checkpoints``).
+        uid: the id a new bank takes (default random): Fabric ranks each keep a replica of the bank under one id, so
+            that the checkpoint rank 0 writes names every rank's.
     """
 
-    def __init__(self, client_ids: Iterable[int], directory: str | Path, keep_versions: int = 2) -> None:
+    def __init__(
+        self, client_ids: Iterable[int], directory: str | Path, keep_versions: int = 2, uid: str | None = None
+    ) -> None:
         super().__init__(client_ids)
-        self.directory, self.keep_versions = Path(directory), keep_versions
+        self.directory, self.keep_versions, self._new_uid = Path(directory), keep_versions, uid
         self.uid: str | None = None  # None until opened: fresh on a first write, reused by a resume
         self.version = 0  # the last checkpoint's; writes since belong to version + 1
         self._fds: dict[tuple[str, torch.dtype], int] = {}
@@ -94,7 +99,7 @@ class DiskClientStateBank(ClientStateBank):
                 log.warning("%s held a client-state bank already: a new run starts it over", self.directory)
             for old in [*self.directory.glob("*.bin"), *self.directory.glob("undo-*.log")]:
                 old.unlink()
-            self.uid, self.version = uuid.uuid4().hex, 0
+            self.uid, self.version = self._new_uid or uuid.uuid4().hex, 0
             self._write_header()
             return
         try:
@@ -252,4 +257,19 @@ class DiskClientStateBank(ClientStateBank):
         self._fds.clear()
 
 
-__all__ = ["KINDS", "DiskClientStateBank"]
+def open_bank(
+    client_ids: list[int], directory: str | Path | None, keep_versions: int = 2, rank: int = 0, world_size: int = 1
+) -> ClientStateBank:
+    """The run's bank: in RAM without ``directory``, else on disk there (with several Fabric ranks each keeps a
+    replica of every client's state in its own ``rank<r>`` subdirectory, all under one bank id; a collective call).
+    """
+    if directory is None:
+        return ClientStateBank(client_ids)
+    uid = None
+    if world_size > 1:
+        directory = Path(directory) / f"rank{rank}"
+        uid = ranks.all_gather_objects(uuid.uuid4().hex, world_size)[0]
+    return DiskClientStateBank(client_ids, directory, keep_versions, uid)
+
+
+__all__ = ["KINDS", "DiskClientStateBank", "open_bank"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_shard_and_order_cover_every_client_once():
         in_client_order(clients, [results[0], {2: "u2"}])
 
 
-def _fit(out: Path, devices: int) -> tuple[dict, str]:
+def _fit(out: Path, devices: int, *extra: str) -> tuple[dict, str]:
     # One thread per process in both runs, so each client's matmuls reduce in the same order.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000 + devices)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
@@ -32,7 +33,7 @@ def _fit(out: Path, devices: int) -> tuple[dict, str]:
     args += ["--data.num_clients", "4", "--data.eval_size", "1", "--trainer.eval_every", "2"]
     # A reward that varies for a random model (conftest.length_reward), so the clients really learn something.
     args += ["--model.init_args.reward_funcs", "[conftest.length_reward]", "--model.init_args.reward_weights", "[1.0]"]
-    cmd = [sys.executable, "-m", "fedrl_lightning.cli", *args]
+    cmd = [sys.executable, "-m", "fedrl_lightning.cli", *args, *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return checkpoint.load(checkpoint.latest_valid(out / "checkpoints")), proc.stderr
@@ -59,3 +60,17 @@ def test_two_gloo_processes_give_the_one_process_global_adapter(tmp_path):
     assert one["comm"]["ledger"] == two["comm"]["ledger"]
     evals = [[h.get(f"client{c}/eval/accuracy") for c in range(4)] for h in (one["history"][-1], two["history"][-1])]
     assert evals[0] == evals[1] and None not in evals[0]
+
+
+def test_two_ranks_resume_their_disk_banks_from_rank_zeros_checkpoint(tmp_path):
+    """Each rank keeps a replica of the bank in its own directory under one id: the checkpoint rank 0 writes names
+    it, so both ranks go back to its version on resume."""
+    bank = ["--trainer.client_state_dir", str(tmp_path / "bank")]
+    first, _ = _fit(tmp_path / "run", 2, *bank)
+    assert first["clients"]["disk"]["version"] == 2 and "buffers" not in first["clients"]
+    ids = {json.loads((tmp_path / "bank" / f"rank{r}" / "bank.json").read_text())["uid"] for r in (0, 1)}
+    assert ids == {first["clients"]["disk"]["uid"]}
+    later, _ = _fit(tmp_path / "run", 2, *bank, "--trainer.num_rounds", "3")
+    assert later["server"]["round"] == 3 and later["clients"]["disk"]["version"] == 3
+    done = first["server"]["history"]  # resumed, not rerun: rounds 1-2 are the first run's rows, timings included
+    assert later["server"]["history"][: len(done)] == done
