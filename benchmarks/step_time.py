@@ -37,9 +37,11 @@ def main(
     lora_r: int = 16,
     steps: int = 3,
     warmup: int = 1,
+    precision: str = "32-true",
     out: str = "benchmarks/results/step_time.json",
 ) -> dict:
-    """Time ``steps`` GRPO steps after ``warmup`` and print the median per phase."""
+    """Time ``steps`` GRPO steps after ``warmup`` and print the median per phase (``precision``: Fabric's, e.g.
+    ``bf16-mixed``: the forward and backward under CPU autocast, bfloat16 matmuls where the CPU has AMX)."""
     module = GRPOModule(
         model=model,
         lora_r=lora_r,
@@ -58,7 +60,7 @@ def main(
         eval_size=1,
         task_kwargs={"basic_arithmetic": {"min_terms": 2, "max_terms": 2, "max_digits": 1}},
     )
-    fabric = L.Fabric(accelerator="cpu", devices=1)
+    fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     module, optimizer = fabric.setup(module, module.configure_optimizers())
     examples, backend = data.train_examples(0), HFRollout()
     rows = []
@@ -84,6 +86,7 @@ def main(
             "max_completion_length": max_completion_length,
             "lora_r": lora_r,
             "steps": steps,
+            "precision": precision,
         },
         "machine": {"processor": platform.processor(), "threads": torch.get_num_threads()},
         "median": median,

@@ -306,7 +306,7 @@ def print_summary(
     the mean row's interval pools all clients' held-out prompts (the mean itself is the clients' unweighted mean, as
     ``eval/accuracy_mean``; the two agree when every client holds as many prompts).
     """
-    evals = [h for h in history if "eval/accuracy_mean" in h]
+    evals = [h for h in history if math.isfinite(h.get("eval/accuracy_mean", math.nan))]  # NaN: no client scored
     if not evals:
         return
     first, last = evals[0], evals[-1]

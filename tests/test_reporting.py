@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 from rich.console import Console
@@ -109,3 +110,10 @@ def test_summary_of_many_clients_shows_the_evaluated_ones_up_to_a_limit():
     assert first_cells[MAX_CLIENT_ROWS:] == ["mean"]
     mean_row = next(line for line in text.splitlines() if line.startswith("│") and "mean" in line.split("│")[1])
     assert mean_row.split("│")[2].strip() == str(2 * n)  # the mean row pools every evaluated client's prompts
+
+
+def test_summary_is_left_out_when_no_client_was_evaluated():
+    history = [{"round": 3, "eval/accuracy_mean": math.nan, "eval/reward_mean": math.nan}]
+    out = io.StringIO()
+    print_summary(Console(file=out, width=200), history, list(range(1000)), eval_sizes={})
+    assert out.getvalue() == ""
