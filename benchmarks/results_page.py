@@ -98,21 +98,27 @@ def _minutes(seconds: float) -> str:
 
 
 def learning_section(name: str, doc: dict[str, Any]) -> str:
-    """The tables of the latest budget of a ``paired.py`` JSON, its budget and the commands that produced it."""
-    from paired import markdown, summarize
-
+    """The tables of every budget of a ``paired.py`` JSON (the latest run's first), each with its budget and the
+    commands that produced it."""
     if "configs" not in doc or not doc.get("latest"):
         config = doc.get("config", {})
         return (
             f"Stored in an older format (one seed, no paired statistics; budget {config}). Rerun "
             f"`python benchmarks/{name}.py` for the seeded, paired results (the old ones are kept under `legacy`)."
         )
-    key = doc["latest"]
+    keys = [doc["latest"], *(k for k in doc["configs"] if k != doc["latest"])]
+    return "\n\n".join(_budget_section(doc, key, latest=i == 0) for i, key in enumerate(keys))
+
+
+def _budget_section(doc: dict[str, Any], key: str, latest: bool) -> str:
+    from paired import markdown, summarize
+
     entry = doc["configs"][key]
     records = [r for m in entry["results"].values() for r in m.values()] + list(entry["base"].values())
     budget = ", ".join(f"{k}={_fmt(v)}" for k, v in entry["config"].items())
     parts = [
-        f"Budget `{key}`: {budget}.",
+        f"### Budget `{key}`{' (the latest run; the plot is its)' if latest else ''}",
+        f"{budget}.",
         f"Compute stored for this budget: {_minutes(60 * sum(r.get('minutes', 0.0) for r in records))} over "
         f"{len(records)} (method, seed) runs, base included.",
         markdown(summarize(doc, key)),
@@ -126,9 +132,6 @@ def learning_section(name: str, doc: dict[str, Any]) -> str:
         if len(invocations) > 12:
             lines.append(f"- ... and {len(invocations) - 12} earlier ones")
         parts.append("\n".join(lines))
-    others = [k for k in doc["configs"] if k != key]
-    if others:
-        parts.append(f"Other budgets stored in the JSON (not shown): {', '.join(others)}.")
     return "\n\n".join(parts)
 
 
