@@ -64,7 +64,8 @@ def plot_run(history: list[dict[str, float]], path: str | Path, steps: Sequence[
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # nothing drawn (no held-out set): no empty legend
+            ax.legend(fontsize="small")
     if steps:
         plot_steps(axes[2], steps)
     fig.tight_layout()

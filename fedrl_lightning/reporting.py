@@ -278,7 +278,7 @@ def print_plan(console: Console, trainer: FederatedTrainer, module: PolicyModule
 
 def print_round(console: Console, r: int, num_rounds: int, metrics: dict[str, float]) -> None:
     line = f"round {r}/{num_rounds}: train reward {metrics.get('train/reward_mean', float('nan')):.3f}"
-    if "eval/accuracy_mean" in metrics:
+    if math.isfinite(metrics.get("eval/accuracy_mean", math.nan)):  # NaN: no client holds a held-out set
         line += f", held-out accuracy {metrics['eval/accuracy_mean']:.3f}"
     line += f", sent {metrics['comm/bytes_down'] / 1e6:.2f} MB down / {metrics['comm/bytes_up'] / 1e6:.2f} MB up"
     if metrics.get("faults/dropped"):
