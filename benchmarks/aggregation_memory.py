@@ -29,26 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import CLI
+from procmem import reset_peak, status_mb
 from rich.console import Console
 from rich.table import Table
 
 MB = 2**20
 RANK, DIM = 16, 2048
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc/self/status, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Start the peak RSS (VmHWM) over from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def child(aggregator: str, mode: str, k: int, update_mb: float) -> dict[str, Any]:
@@ -80,8 +66,8 @@ def child(aggregator: str, mode: str, k: int, update_mb: float) -> dict[str, Any
 
     agg = FedAvg() if aggregator == "FedAvg" else FedAdam(eta=1e-3)
     callbacks = [WantsEveryUpdate()] if mode == "buffered" else []
-    _reset_peak()  # the imports' transient peak does not count
-    rss_before = _status_mb("VmRSS")
+    reset_peak()  # the imports' transient peak does not count
+    rss_before = status_mb("VmRSS")
     round_agg = RoundAggregation(agg, global_state, callbacks)
     assert round_agg.streaming == (mode == "streaming")
     kept = []
@@ -89,7 +75,7 @@ def child(aggregator: str, mode: str, k: int, update_mb: float) -> dict[str, Any
         kept.append(round_agg.add(update))
         del update
     new = round_agg.finish()
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     assert len(kept) == k and new.keys() == global_state.keys()
     return {
         "aggregator": aggregator,

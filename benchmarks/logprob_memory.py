@@ -17,7 +17,6 @@ Writes ``benchmarks/results/logprob_memory.json``.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -25,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import CLI
+from procmem import reset_peak, status_kib
 from rich.console import Console
 from rich.table import Table
 
 MB = 2**20
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
 def child(chunk_size: int | None, model: str, prompts: int, num_generations: int, completion_tokens: int) -> dict:
@@ -69,13 +65,13 @@ def child(chunk_size: int | None, model: str, prompts: int, num_generations: int
     )
     batch = module.make_batch(rollout, torch.randn(rows, 1, generator=gen))  # no model pass: one iteration, beta 0
     dtype = next(module.model.parameters()).dtype
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
-    before = _status_kib("VmRSS")
+    reset_peak()  # the high-water mark starts over from the current RSS
+    before = status_kib("VmRSS")
     start = time.perf_counter()
     loss = module.training_step(batch)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     grads = [p.grad for p in module.trainable_parameters().values() if p.grad is not None]
     return {
         "chunk_size": chunk_size,

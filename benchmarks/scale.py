@@ -48,6 +48,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from procmem import reset_peak, status_mb
+
 MB = 2**20
 TARGET_RSS, TARGET_TIME = 1.2, 1.1
 
@@ -55,20 +57,10 @@ TARGET_RSS, TARGET_TIME = 1.2, 1.1
 # -- measurement helpers (run in the child) ------------------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since start or the last reset) of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _reset_peak() -> bool:
     """Start ``VmHWM`` over from the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak()
         return True
     except OSError:
         return False
@@ -138,18 +130,18 @@ class RoundRecorder:
 
     def _close(self) -> None:
         """End the open round: its wall time and the peak RSS since its start (or since the process started)."""
-        peak = _status_mb("VmHWM")
+        peak = status_mb("VmHWM")
         self.peak_mb = max(self.peak_mb, peak)
         if self.current is None:
             self.peak_setup_mb = peak
             return
         self.current["wall_s"] = time.perf_counter() - self.current.pop("start")
-        self.current["peak_rss_mb"], self.current["rss_end_mb"] = peak, _status_mb("VmRSS")
+        self.current["peak_rss_mb"], self.current["rss_end_mb"] = peak, status_mb("VmRSS")
         self.rounds.append(self.current)
         self.current = None
 
     def on_fit_start(self, server: Any) -> None:
-        self.rss_setup_mb = _status_mb("VmRSS")  # model, optimizer, data and bank set up
+        self.rss_setup_mb = status_mb("VmRSS")  # model, optimizer, data and bank set up
         # Instance attributes: only this run's server is timed, nothing of the library changes.
         server.evaluate = self._wrap("eval_s", server.evaluate)
         server.save_checkpoint = self._wrap("checkpoint_s", server.save_checkpoint)
@@ -201,7 +193,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     n, run_dir, seed = spec["clients"], Path(spec["run_dir"]), spec["seed"]
     out: dict[str, Any] = {"clients": n, "import_s": time.perf_counter() - start}
-    out["rss_after_imports_mb"] = _status_mb("VmRSS")
+    out["rss_after_imports_mb"] = status_mb("VmRSS")
     t = time.perf_counter()
     module = GRPOModule(**_module_kwargs(spec["quick"], seed))
     out["model_s"] = time.perf_counter() - t
@@ -212,7 +204,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     data.prepare_data()
     data.setup("fit")  # every client's split now: the trainer's own setup then finds them built
     out["data_setup_s"] = time.perf_counter() - t
-    out["rss_model_data_mb"] = _status_mb("VmRSS")
+    out["rss_model_data_mb"] = status_mb("VmRSS")
     recorder = RoundRecorder(spec.get("kill_round"))
     selector = UniformSelector(count=min(spec["per_round"], n), seed=seed)
     trainer = FederatedTrainer(
@@ -232,9 +224,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     trainer.fit(module, data, ckpt_path=spec.get("ckpt_path"))
     out["fit_s"] = time.perf_counter() - t
-    out["peak_rss_mb"] = max(recorder.peak_mb, _status_mb("VmHWM"))
+    out["peak_rss_mb"] = max(recorder.peak_mb, status_mb("VmHWM"))
     out["peak_setup_mb"], out["rss_after_setup_mb"] = recorder.peak_setup_mb, recorder.rss_setup_mb
-    out["rss_end_mb"], out["peak_resets"] = _status_mb("VmRSS"), recorder.resets
+    out["rss_end_mb"], out["peak_resets"] = status_mb("VmRSS"), recorder.resets
     out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # reset with VmHWM: reference
     history = {int(h["round"]): h for h in trainer.history}
     for row in recorder.rounds:
@@ -461,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds, --per-round, --repeats and --clients must be >= 1")
     if args.resume_check and args.rounds < 3:
         parser.error("--resume-check kills a run in round 2 and needs --rounds >= 3")
+    if Path(args.out).is_dir():  # a folder: the JSON goes inside it, under its usual name
+        args.out = str(Path(args.out) / "scale.json")
     clients = sorted(set(args.clients))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fedrl-scale-"))
     common = dict(rounds=args.rounds, per_round=args.per_round, seed=args.seed, quick=args.quick)
