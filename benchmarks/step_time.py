@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                       # SmolLM2-135M, G=8, 64 new tokens, LoRA r=16
     python benchmarks/step_time.py --steps 5 --prompts 2
+    python benchmarks/step_time.py --profile true --precision bf16-mixed   # + the top operators of the last step
 
 Writes ``benchmarks/results/step_time.json``. Absolute times depend on the machine (and its other load);
 compare phases within one run.
@@ -9,9 +10,11 @@ compare phases within one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import lightning as L
@@ -38,10 +41,17 @@ def main(
     steps: int = 3,
     warmup: int = 1,
     precision: str = "32-true",
+    profile: bool = False,
+    top: int = 25,
     out: str = "benchmarks/results/step_time.json",
 ) -> dict:
     """Time ``steps`` GRPO steps after ``warmup`` and print the median per phase (``precision``: Fabric's, e.g.
-    ``bf16-mixed``: the forward and backward under CPU autocast, bfloat16 matmuls where the CPU has AMX)."""
+    ``bf16-mixed``: the forward and backward under CPU autocast, bfloat16 matmuls where the CPU has AMX).
+
+    ``profile``: run the last step under ``torch.profiler`` and print its ``top`` operators by self CPU time (the
+    table also goes to ``<out stem>_profile_<precision>.txt``); that step's times include the profiler's overhead.
+    """
+    start = time.perf_counter()
     module = GRPOModule(
         model=model,
         lora_r=lora_r,
@@ -63,10 +73,13 @@ def main(
     fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     module, optimizer = fabric.setup(module, module.configure_optimizers())
     examples, backend = data.train_examples(0), HFRollout()
-    rows = []
+    rows, prof = [], None
     for i in range(warmup + steps):
         batch = examples[i * prompts : (i + 1) * prompts]
-        with timed(module.tracker, "step"):
+        last = i == warmup + steps - 1
+        if profile and last:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        with prof or contextlib.nullcontext(), timed(module.tracker, "step"):
             tokens = local_step(fabric, module, optimizer, backend, batch)
         m = module.tracker.compute_and_reset()
         if i >= warmup:
@@ -92,6 +105,9 @@ def main(
         "median": median,
         "steps": rows,
     }
+    from paired import provenance  # the command and wall time, as every benchmark records them
+
+    result.update(provenance(start))
     table = Table(title=f"GRPO step ({prompts} prompts x G={num_generations}, {max_completion_length} new tokens)")
     table.add_column("phase")
     table.add_column("median s", justify="right")
@@ -106,6 +122,12 @@ def main(
     Console().print(f"completion tokens/step {median['completion_tokens']:.0f}; generation {gen_tps:.1f} tokens/s")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
+    if prof is not None:
+        ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+        print(ops)
+        path = Path(out).with_name(f"{Path(out).stem}_profile_{precision}.txt")
+        path.write_text(ops)
+        print(f"wrote {path}")
     return result
 
 
