@@ -64,7 +64,7 @@ demo: install
 	$(VENV)/bin/fedrl fit -c configs/quickstart.yaml
 	@echo "The same clients and budget trained alone, with FedAvg and centrally, with paired tests on 128 held-out"
 	@echo "prompts per client: benchmarks/RESULTS.md (heterogeneous); rerun it with"
-	@echo "  $(PY) benchmarks/heterogeneous.py --methods '[local_only, fedavg, central]' --seeds '[0]'"
+	@echo "  $(PY) benchmarks/heterogeneous.py --methods '[local_only, fedavg, central]' --seeds '[0]' --rounds 3 --learning_rate 3e-4"
 
 test: install-dev install-vllm .venv-trl/.installed
 	$(PY) -m pytest -q
