@@ -254,3 +254,30 @@ def test_an_adapted_lm_head_keeps_the_dense_logits():
     torch.testing.assert_close(chunked, module.completion_log_probs(*args)[0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="logprob_chunk_size"):
         make_module(logprob_chunk_size=-1)
+
+
+def test_only_real_completion_tokens_reach_the_vocabulary_head(monkeypatch):
+    """Right padding is not scored: the head sees mask.sum() rows, and padded positions hold 0 on both paths."""
+    import fedrl_lightning.modules.policy as policy
+
+    module = make_module(dtype="float64")
+    perturb_adapter(module)
+    rollout = synthetic_rollout(module)
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    mask = rollout.completion_mask.bool()
+    assert not mask.all()
+    rows = []
+
+    def counting(hidden, *a, **kw):
+        rows.append(hidden.shape[0])
+        return chunked_log_probs(hidden, *a, **kw)
+
+    monkeypatch.setattr(policy, "chunked_log_probs", counting)
+    chunked, ent = module.completion_log_probs(*args, with_entropy=True)
+    assert rows == [int(mask.sum())]
+    module.logprob_chunk_size = 0
+    dense, dense_ent = module.completion_log_probs(*args, with_entropy=True)
+    for values in (chunked, ent, dense, dense_ent):
+        assert (values[~mask] == 0).all() and (values[mask] != 0).all()
+    torch.testing.assert_close(chunked, dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ent, dense_ent, rtol=1e-10, atol=1e-10)

@@ -255,7 +255,8 @@ class PolicyModule(L.LightningModule):
         """``completion_log_probs`` plus, if asked, the last hidden states that predict each completion token.
 
         With ``logprob_chunk_size`` (not 0) and a plain LM head, the log-probs come from the hidden states a chunk of
-        tokens at a time (``losses.chunked_log_probs``): the (B, C, V) logits never exist at once.
+        tokens at a time (``losses.chunked_log_probs``): the (B, C, V) logits never exist at once, and only the
+        ``completion_mask`` tokens are scored. Either way padded positions hold 0.
 
         Returns:
             (log_probs (B, C), entropy (B, C) or None, hidden (B, C, H) or None); ``hidden[:, t]`` is the state
@@ -264,15 +265,28 @@ class PolicyModule(L.LightningModule):
         args = (self.model, prompt_ids, prompt_mask, completion_ids, completion_mask, self.share_prompt_prefix)
         temp = temperature if temperature > 0 else 1.0
         head = output_head(self.model) if self.logprob_chunk_size != 0 else None
+        keep = completion_mask.bool()
         if head is None:
             logits, hidden = completion_pass(*args, with_hidden=with_hidden)
-            log_probs = selective_log_softmax(logits, completion_ids, temperature=temp)
+            log_probs = selective_log_softmax(logits, completion_ids, temperature=temp).masked_fill(~keep, 0.0)
             entropy = entropy_from_logits(logits.detach(), temperature=temp) if with_entropy else None
-            return log_probs, entropy, hidden
+            return log_probs, None if entropy is None else entropy.masked_fill(~keep, 0.0), hidden
         hidden = completion_pass(*args, logits=False)[1]
+        # Only real tokens reach the vocabulary head: right padding (every row padded to the longest completion,
+        # often half of the rows' positions) would cost as much as a token.
+        dense = bool(keep.all())
         log_probs, entropy = chunked_log_probs(
-            hidden, head.weight, completion_ids, head.bias, temp, self.logprob_chunk_size, with_entropy
+            hidden if dense else hidden[keep],
+            head.weight,
+            completion_ids if dense else completion_ids[keep],
+            head.bias,
+            temp,
+            self.logprob_chunk_size,
+            with_entropy,
         )
+        if not dense:
+            log_probs = log_probs.new_zeros(keep.shape).masked_scatter(keep, log_probs)
+            entropy = None if entropy is None else entropy.new_zeros(keep.shape).masked_scatter(keep, entropy)
         return log_probs, entropy, hidden if with_hidden else None
 
     def completion_logits(
