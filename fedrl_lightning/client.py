@@ -101,7 +101,9 @@ def local_step(
         rollout = backend.generate(module, [ex["prompt"] for ex in examples], module.sampling)
     with timed(t, "reward"):
         rewards = module.score(rollout, examples, module.num_generations)
-    with timed(t, "old_ref_log_probs"):
+    # Fabric autocasts only a wrapped module's forward, and these passes call other methods: the trainer's precision
+    # (bf16-mixed, 16-mixed) is entered here and in ``backward_step``.
+    with timed(t, "old_ref_log_probs"), fabric.autocast():
         batch = module.make_batch(rollout, rewards)
     if samples is not None:
         samples.extend(sample_rows(module, rollout, examples, rewards, batch))

@@ -7,9 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import make_module
+from conftest import length_reward, make_data, make_module
 from fedrl_lightning.client import local_step
 from fedrl_lightning.losses import k3_kl
+from fedrl_lightning.modules import FedMOAModule, GRPOModule, PPOModule
 from fedrl_lightning.modules.pg import PolicyGradientBatch
 from fedrl_lightning.modules.policy import prompt_groups
 from fedrl_lightning.rollout import Rollout, completion_masks
@@ -264,3 +265,27 @@ def test_shared_prompt_prefix_gives_the_unshared_log_probs_hidden_states_and_gra
     assert g0.keys() == g1.keys() and any(g.abs().sum() > 0 for g in g0.values())
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("module_class", [GRPOModule, FedMOAModule, PPOModule], ids=["grpo", "fedmoa", "ppo"])
+def test_the_trainer_precision_autocasts_the_training_and_old_log_prob_passes(module_class):
+    """Fabric autocasts only a wrapped module's forward; a local step calls other methods and must enter the
+    precision itself: under bf16-mixed every log-prob pass runs in autocast, under 32-true none does."""
+    for precision, expected in (("bf16-mixed", True), ("32-true", False)):
+        extra = {"reward_funcs": [length_reward, length_reward]} if module_class is FedMOAModule else {}
+        module = make_module(module_class, **extra)
+        seen = []
+        forward = module.completion_forward
+
+        def spy(*args, _forward=forward, **kwargs):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return _forward(*args, **kwargs)
+
+        module.completion_forward = spy
+        fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
+        wrapped, optimizer = fabric.setup(module, module.configure_optimizers())
+        before = {k: v.clone() for k, v in module.trainable_state().items()}
+        local_step(fabric, wrapped, optimizer, HFRollout(), make_data().train_examples(0)[: module.prompts_per_step])
+        assert seen and set(seen) == {expected}, (precision, seen)
+        after = module.trainable_state()
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained

@@ -156,7 +156,8 @@ class FedMOAModule(GRPOModule):
         """One forward, one backward per objective: keeps each ∇L_k and accumulates Σ λ_k ∇L_k into ``.grad``."""
         params = list(self.trainable_parameters().values())
         weights = self.objective_weights().tolist()
-        log_probs, old = self.policy_log_probs(batch)
+        with fabric.autocast():  # the forward under the trainer's precision; the losses are float32 either way
+            log_probs, old = self.policy_log_probs(batch)
         num = len(weights)
         if self._step_grads is None:
             self._step_grads = [[torch.zeros_like(p) for p in params] for _ in range(num)]

@@ -260,8 +260,11 @@ class PolicyGradientModule(PolicyModule):
     # -- the loss of one micro-batch -----------------------------------------------------------------------------
 
     def backward_step(self, fabric: L.Fabric, batch: PolicyGradientBatch) -> None:
-        """Loss and backward of one micro-batch (an algorithm with several objectives may backpropagate each)."""
-        fabric.backward(self.training_step(batch))
+        """Loss and backward of one micro-batch (an algorithm with several objectives may backpropagate each); the
+        forward under the trainer's precision (``fabric.autocast``), the backward outside it."""
+        with fabric.autocast():
+            loss = self.training_step(batch)
+        fabric.backward(loss)
 
     def policy_log_probs(self, batch: PolicyGradientBatch) -> tuple[Tensor, Tensor]:
         """(log-probs with grad, old log-probs) of a micro-batch's completions, both (B, C); logs the entropy."""
