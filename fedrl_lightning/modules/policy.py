@@ -274,19 +274,11 @@ class PolicyModule(L.LightningModule):
         hidden = completion_pass(*args, logits=False)[1]
         # Only real tokens reach the vocabulary head: right padding (every row padded to the longest completion,
         # often half of the rows' positions) would cost as much as a token.
-        dense = bool(keep.all())
         log_probs, entropy = chunked_log_probs(
-            hidden if dense else hidden[keep],
-            head.weight,
-            completion_ids if dense else completion_ids[keep],
-            head.bias,
-            temp,
-            self.logprob_chunk_size,
-            with_entropy,
+            hidden[keep], head.weight, completion_ids[keep], head.bias, temp, self.logprob_chunk_size, with_entropy
         )
-        if not dense:
-            log_probs = log_probs.new_zeros(keep.shape).masked_scatter(keep, log_probs)
-            entropy = None if entropy is None else entropy.new_zeros(keep.shape).masked_scatter(keep, entropy)
+        log_probs = log_probs.new_zeros(keep.shape).masked_scatter(keep, log_probs)
+        entropy = None if entropy is None else entropy.new_zeros(keep.shape).masked_scatter(keep, entropy)
         return log_probs, entropy, hidden if with_hidden else None
 
     def completion_logits(
